@@ -1,0 +1,25 @@
+// Compiler glue shared by every fastsgd translation unit: host/device markers and the
+// per-ISA namespace that keeps code built with different -march flags from being merged
+// by the linker (an AVX-512 copy of an inline function chosen for a baseline caller would
+// crash older CPUs with SIGILL).
+#pragma once
+
+#if defined(__CUDACC__)
+#define FASTSGD_HD __host__ __device__ __forceinline__
+#else
+#define FASTSGD_HD inline
+#endif
+
+// Each CPU walk translation unit defines FASTSGD_ISA_NS before including fastsgd headers;
+// everything else (the engine, embedders, CUDA) gets the generic namespace.
+#ifndef FASTSGD_ISA_NS
+#if defined(__CUDACC__)
+#define FASTSGD_ISA_NS cuda_device
+#else
+#define FASTSGD_ISA_NS generic
+#endif
+#endif
+
+#define FASTSGD_VERSION_MAJOR 0
+#define FASTSGD_VERSION_MINOR 1
+#define FASTSGD_VERSION_PATCH 0

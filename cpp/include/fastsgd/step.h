@@ -1,0 +1,40 @@
+// The scalars of one optimizer step, shared by the CPU walks and the CUDA kernels.
+// The engine fills StepScalars once per call (in double); math.h turns them into the
+// per-tensor coefficients of the compute type, so both backends round the same way.
+#pragma once
+
+#include <cstdint>
+
+namespace fastsgd {
+
+// What one fused pass does to a tensor.
+enum class PassKind : int32_t {
+  update = 0,      // has a gradient on an update call: the full SGD step
+  accumulate = 1,  // has a gradient on a non-update accumulation call: acc += g
+  idle = 2,        // no gradient this call: only EMA / overwrite / accumulator reset
+  finalize = 3,    // copy the EMA average into the variable (finalize_variable_values)
+};
+
+enum class MomentumKind : int32_t { none = 0, heavy_ball = 1, nesterov = 2 };
+
+struct StepScalars {
+  double learning_rate = 0.0;
+  double momentum = 0.0;
+  double grad_scale = 1.0;      // 1 / loss_scale_factor
+  double window = 1.0;          // gradient_accumulation_steps on an update call, else 1
+  double weight_decay = 0.0;    // 0 disables; the decay factor is 1 - wd * lr
+  double clip_value = 0.0;      // > 0 enables clipping into [-clip_value, clip_value]
+  double ema_keep = 0.0;        // weight of the old average (0 on the first step)
+  bool merge_window = false;    // update call under accumulation: g = (g + acc) / window
+  bool reset_accumulator = false;
+  bool ema_overwrite = false;   // copy the average into the variable after the EMA update
+};
+
+// Per-tensor facts the pass needs beyond the step-wide scalars.
+struct TensorScalars {
+  double clip_mul = 1.0;  // norm clip: g = (g * clip_mul) / clip_div
+  double clip_div = 1.0;
+  bool decays = true;     // false for variables excluded from weight decay
+};
+
+}  // namespace fastsgd

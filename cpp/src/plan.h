@@ -1,0 +1,48 @@
+// What one step asks the backend (CPU or CUDA) to do: a list of per-tensor passes that share
+// one set of step scalars, and whether gradients must be measured first for a norm clip.
+// The engine (sgd.cpp) builds the plan; backends only execute it.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "fastsgd/dtype.h"
+#include "fastsgd/step.h"
+#include "fastsgd/tensor.h"
+
+namespace fastsgd {
+namespace detail {
+
+struct PassTask {
+  PassKind kind = PassKind::update;
+  DType var_dtype = DType::float32;   // variables and gradients
+  DType slot_dtype = DType::float32;  // momentum, average, accumulator
+  int64_t numel = 0;
+  void* w = nullptr;
+  const void* g = nullptr;
+  void* m = nullptr;    // momentum slot, or null
+  void* avg = nullptr;  // EMA slot, or null
+  void* acc = nullptr;  // accumulator slot, or null
+  TensorScalars ts;
+};
+
+// Step-wide compile-time features of the passes (one kernel instantiation per combination).
+struct PassFeatures {
+  MomentumKind momentum = MomentumKind::none;
+  bool merge_window = false;
+  bool norm_clip = false;
+  bool ema = false;
+};
+
+enum class NormClip : int32_t { none = 0, per_tensor = 1, global = 2 };
+
+struct StepPlan {
+  StepScalars scalars;
+  PassFeatures features;
+  NormClip norm_clip = NormClip::none;
+  double clipnorm = 0.0;
+  std::vector<PassTask> tasks;
+};
+
+}  // namespace detail
+}  // namespace fastsgd
