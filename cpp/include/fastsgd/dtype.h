@@ -68,39 +68,33 @@ FASTSGD_HD bfloat16_t to_bfloat16(float f) {
   return bfloat16_t{uint16_t(u >> 16)};
 }
 
+// The half conversions are written with selects instead of branches so that compilers
+// vectorise them; every lane computes all cases and keeps the one that applies.
 FASTSGD_HD float to_float(half_t v) {
   const uint32_t h = v.bits;
   const uint32_t sign = (h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
   const uint32_t man = h & 0x3ffu;
-  if (exp == 0x1fu) return detail::bits_float(sign | 0x7f800000u | (man << 13));
-  if (exp != 0) return detail::bits_float(sign | ((exp + 112u) << 23) | (man << 13));
-  // Subnormal half: exactly man * 2^-24, representable in float.
-  const float mag = float(man) * 5.9604644775390625e-8f;
-  return sign ? -mag : mag;
+  const uint32_t normal = ((exp + 112u) << 23) | (man << 13);  // rebias 15 -> 127
+  const uint32_t special = 0x7f800000u | (man << 13);           // infinity or NaN
+  // Subnormal: 2^-14 * (1 + man/1024) - 2^-14 = man * 2^-24, exactly.
+  const float subnormal = detail::bits_float((man << 13) | 0x38800000u) - detail::bits_float(0x38800000u);
+  const float magnitude = exp == 0u ? subnormal : detail::bits_float(exp == 0x1fu ? special : normal);
+  return detail::bits_float(detail::float_bits(magnitude) | sign);
 }
 
 FASTSGD_HD half_t to_half(float f) {
   const uint32_t u = detail::float_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return half_t{uint16_t(sign | 0x7e00u | ((abs >> 13) & 0x3ffu))};
-  if (abs >= 0x477ff000u) return half_t{uint16_t(sign | 0x7c00u)};  // rounds to >= 65520: inf
-  if (abs >= 0x38800000u) {  // normal half range
-    uint32_t r = abs - 0x38000000u;  // rebias exponent 127 -> 15
-    r += 0xfffu + ((r >> 13) & 1u);
-    return half_t{uint16_t(sign | (r >> 13))};
-  }
-  if (abs < 0x33000000u) return half_t{uint16_t(sign)};  // below half of the smallest subnormal
-  // Subnormal half: shift the full significand, rounding to nearest even on the dropped bits.
-  const uint32_t e = abs >> 23;
-  const uint32_t m = (abs & 0x7fffffu) | 0x800000u;
-  const uint32_t shift = 126u - e;  // in 14..24
-  const uint32_t kept = m >> shift;
-  const uint32_t rem = m & ((1u << shift) - 1u);
-  const uint32_t halfway = 1u << (shift - 1);
-  const uint32_t up = (rem > halfway || (rem == halfway && (kept & 1u))) ? 1u : 0u;
-  return half_t{uint16_t(sign | (kept + up))};
+  // Normal half: rebias 127 -> 15 (wrapping add), round to nearest even on the 13 dropped bits.
+  const uint32_t normal = (abs + 0xc8000fffu + ((abs >> 13) & 1u)) >> 13;
+  // Subnormal half: adding 0.5 lets the FPU round the bits into place (nearest even).
+  const uint32_t subnormal = detail::float_bits(detail::bits_float(abs) + 0.5f) - 0x3f000000u;
+  // >= 65536: infinity, or NaN with its payload kept (quiet bit set).
+  const uint32_t special = abs > 0x7f800000u ? (0x7e00u | ((abs >> 13) & 0x3ffu)) : 0x7c00u;
+  const uint32_t r = abs >= 0x47800000u ? special : (abs < 0x38800000u ? subnormal : normal);
+  return half_t{uint16_t(sign | r)};
 }
 
 // load<C>(storage) / store(storage, C): the only way kernels read and write elements.
