@@ -1,0 +1,503 @@
+// fastsgd._core: the thin layer between Python objects and the C++ engine. It turns NumPy
+// arrays (read straight from the array struct) and DLPack producers (the DLPack 1.3 C exchange
+// API where the type offers it, else __dlpack__) into non-owning views, zero-copy, refuses
+// anything it cannot update in place, and runs the engine with the GIL released.
+// No math and no policy here: those live in the engine and in the Python facade.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "fastsgd/dlpack.h"
+#include "fastsgd/sgd.h"
+
+namespace py = pybind11;
+using namespace fastsgd;
+
+namespace {
+
+constexpr int kNpyHalf = 23, kNpyFloat = 11, kNpyDouble = 12, kNpyUserDef = 256;
+
+std::string where(const char* what, size_t i) { return std::string(what) + "[" + std::to_string(i) + "]"; }
+
+std::string type_name(py::handle obj) { return Py_TYPE(obj.ptr())->tp_name; }
+
+// A tensor as the engine sees it, plus the shape for grad/variable checks.
+struct Imported {
+  TensorView view;
+  int ndim = 0;
+  const int64_t* shape = nullptr;
+};
+
+// DLPack tensors taken over during one call; their deleters run when the call ends, with
+// the GIL held (NumPy's and CuPy's deleters need it).
+class Owned {
+ public:
+  ~Owned() { release(); }
+  void add_versioned(dlpack::ManagedTensorVersioned* t) { versioned_.push_back(t); }
+  void add_legacy(dlpack::ManagedTensor* t) { legacy_.push_back(t); }
+  void release() {
+    for (auto* t : versioned_)
+      if (t->deleter) t->deleter(t);
+    for (auto* t : legacy_)
+      if (t->deleter) t->deleter(t);
+    versioned_.clear();
+    legacy_.clear();
+  }
+
+ private:
+  std::vector<dlpack::ManagedTensorVersioned*> versioned_;
+  std::vector<dlpack::ManagedTensor*> legacy_;
+};
+
+DType numpy_dtype(py::handle arr, const char* what, size_t i) {
+  auto* descr = py::detail::array_descriptor_proxy(py::detail::array_proxy(arr.ptr())->descr);
+  if (descr->byteorder == '>')
+    throw TypeError(where(what, i) + " has non-native byte order; fastsgd updates native-endian floats only");
+  switch (descr->type_num) {
+    case kNpyFloat: return DType::float32;
+    case kNpyDouble: return DType::float64;
+    case kNpyHalf: return DType::float16;
+    default: break;
+  }
+  if (descr->type_num >= kNpyUserDef && descr->kind == 'V') {
+    // ml_dtypes registers bfloat16 as a NumPy user type; its number is fixed once registered.
+    static int bf16 = -1;
+    if (bf16 < 0 && py::str(py::handle(reinterpret_cast<PyObject*>(descr))).cast<std::string>() == "bfloat16")
+      bf16 = descr->type_num;
+    if (descr->type_num == bf16) return DType::bfloat16;
+  }
+  throw TypeError(where(what, i) + " has dtype " +
+                  py::str(py::handle(reinterpret_cast<PyObject*>(descr))).cast<std::string>() +
+                  "; expected float16, bfloat16, float32 or float64");
+}
+
+void import_numpy(py::handle obj, bool writable, const char* what, size_t i, Imported& out) {
+  auto* a = py::detail::array_proxy(obj.ptr());
+  const DType dtype = numpy_dtype(obj, what, i);
+  using api = py::detail::npy_api;
+  if (!(a->flags & api::NPY_ARRAY_C_CONTIGUOUS_))
+    throw ValueError(where(what, i) + " is not C-contiguous; fastsgd updates buffers in place and "
+                     "never copies: pass a contiguous array");
+  if (!(a->flags & api::NPY_ARRAY_ALIGNED_))
+    throw ValueError(where(what, i) + " is not aligned to its element size");
+  if (writable && !(a->flags & api::NPY_ARRAY_WRITEABLE_))
+    throw ValueError(where(what, i) + " is read-only; variables must be writeable arrays");
+  int64_t numel = 1;
+  for (int d = 0; d < a->nd; ++d) numel *= int64_t(a->dimensions[d]);
+  out.view.data = a->data;
+  out.view.numel = numel;
+  out.view.dtype = dtype;
+  out.view.device = Device{};
+  out.ndim = a->nd;
+  static_assert(sizeof(Py_intptr_t) == sizeof(int64_t), "64-bit platforms only");
+  out.shape = reinterpret_cast<const int64_t*>(a->dimensions);
+}
+
+// Validates a DLPack tensor and fills `out`.
+void from_dltensor(const dlpack::Tensor& t, bool writable, bool read_only_flag, const char* what, size_t i,
+                   Imported& out) {
+  if (writable && read_only_flag)
+    throw ValueError(where(what, i) + " is exported read-only (DLPack READ_ONLY flag); variables must be writeable");
+  if (t.dtype.lanes != 1) throw TypeError(where(what, i) + " has a vector dtype (lanes != 1)");
+  DType dtype;
+  if (t.dtype.code == dlpack::kFloat && t.dtype.bits == 32) dtype = DType::float32;
+  else if (t.dtype.code == dlpack::kFloat && t.dtype.bits == 64) dtype = DType::float64;
+  else if (t.dtype.code == dlpack::kFloat && t.dtype.bits == 16) dtype = DType::float16;
+  else if (t.dtype.code == dlpack::kBfloat && t.dtype.bits == 16) dtype = DType::bfloat16;
+  else
+    throw TypeError(where(what, i) + " has DLPack dtype (code " + std::to_string(t.dtype.code) + ", bits " +
+                    std::to_string(t.dtype.bits) + "); expected float16, bfloat16, float32 or float64");
+  Device device;
+  switch (t.device.device_type) {
+    case dlpack::kCPU:
+    case dlpack::kCUDAHost: device = Device{DeviceKind::cpu, 0}; break;
+    case dlpack::kCUDA:
+    case dlpack::kCUDAManaged: device = Device{DeviceKind::cuda, t.device.device_id}; break;
+    default:
+      throw ValueError(where(what, i) + " lives on DLPack device type " + std::to_string(t.device.device_type) +
+                       "; fastsgd updates CPU and CUDA memory");
+  }
+  int64_t numel = 1;
+  for (int d = 0; d < t.ndim; ++d) numel *= t.shape[d];
+  if (t.strides && numel > 1) {
+    int64_t expected = 1;
+    for (int d = t.ndim - 1; d >= 0; --d) {
+      if (t.shape[d] == 1) continue;
+      if (t.strides[d] != expected)
+        throw ValueError(where(what, i) + " is not contiguous (strided, broadcast or reversed view); "
+                         "fastsgd updates buffers in place and never copies: pass a contiguous tensor");
+      expected *= t.shape[d];
+    }
+  }
+  out.view.data = static_cast<char*>(t.data) + t.byte_offset;
+  out.view.numel = numel;
+  out.view.dtype = dtype;
+  out.view.device = device;
+  out.ndim = t.ndim;
+  out.shape = t.shape;
+}
+
+// type -> its DLPack C exchange API table (or null). Types live as long as the process.
+const dlpack::ExchangeAPI* exchange_api(PyTypeObject* type) {
+  static std::unordered_map<PyTypeObject*, const dlpack::ExchangeAPI*> cache;
+  auto it = cache.find(type);
+  if (it != cache.end()) return it->second;
+  const dlpack::ExchangeAPI* api = nullptr;
+  PyObject* cap = PyObject_GetAttrString(reinterpret_cast<PyObject*>(type), "__dlpack_c_exchange_api__");
+  if (cap) {
+    if (PyCapsule_IsValid(cap, "dlpack_exchange_api")) {
+      auto* table = static_cast<const dlpack::ExchangeAPI*>(PyCapsule_GetPointer(cap, "dlpack_exchange_api"));
+      if (table && table->header.version.major == 1 && table->dltensor_from_py_object_no_sync) api = table;
+    }
+    Py_DECREF(cap);
+  } else {
+    PyErr_Clear();
+  }
+  cache.emplace(type, api);
+  return api;
+}
+
+bool is_jax_array(py::handle obj) {
+  py::object module = py::getattr(py::type::handle_of(obj), "__module__", py::none());
+  if (!py::isinstance<py::str>(module)) return false;
+  const std::string m = module.cast<std::string>();
+  return m.rfind("jax", 0) == 0;
+}
+
+// Per-call import context: the consumer stream for CUDA producers, and the exchange API
+// that can name the producer's current stream.
+struct ImportContext {
+  Owned owned;
+  dlpack::Tensor scratch{};
+  long long stream = -2;  // explicit cudaStream_t handle, or -2 when none was given
+  const dlpack::ExchangeAPI* cuda_api = nullptr;
+};
+
+void import_dlpack(py::handle obj, bool writable, const char* what, size_t i, Imported& out, ImportContext& ctx) {
+  PyTypeObject* type = Py_TYPE(obj.ptr());
+  if (const dlpack::ExchangeAPI* api = exchange_api(type)) {
+    if (api->dltensor_from_py_object_no_sync(obj.ptr(), &ctx.scratch) != 0) throw py::error_already_set();
+    from_dltensor(ctx.scratch, writable, false, what, i, out);
+    if (out.view.device.kind == DeviceKind::cuda && api->current_work_stream) ctx.cuda_api = api;
+    return;
+  }
+  if (!py::hasattr(obj, "__dlpack__"))
+    throw TypeError(where(what, i) + " is a " + type_name(obj) +
+                    "; expected a NumPy array or an object with __dlpack__ (torch, CuPy, ...)");
+  if (writable && is_jax_array(obj))
+    throw TypeError(where(what, i) + " is a JAX array, which is immutable and cannot be updated in place; "
+                    "use fastsgd.SGD.stateless_apply(), which returns new arrays");
+  py::object capsule;
+  py::object method = obj.attr("__dlpack__");
+  // CUDA producers order their pending work before our stream: the explicit one, else the
+  // legacy default stream (1), on which the engine then launches.
+  py::object stream = py::none();
+  if (py::hasattr(obj, "__dlpack_device__")) {
+    py::tuple dev = obj.attr("__dlpack_device__")();
+    const int kind = dev[0].cast<int>();
+    if (kind == dlpack::kCUDA || kind == dlpack::kCUDAManaged)
+      stream = py::int_(ctx.stream > 0 ? ctx.stream : 1);
+  }
+  try {
+    if (stream.is_none())
+      capsule = method(py::arg("max_version") = py::make_tuple(1, 3), py::arg("copy") = false);
+    else
+      capsule = method(py::arg("stream") = stream, py::arg("max_version") = py::make_tuple(1, 3),
+                       py::arg("copy") = false);
+  } catch (py::error_already_set& e) {
+    if (!e.matches(PyExc_TypeError)) throw;
+    capsule = stream.is_none() ? method() : method(py::arg("stream") = stream);
+  }
+  Owned& owned = ctx.owned;
+  PyObject* cap = capsule.ptr();
+  if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
+    auto* m = static_cast<dlpack::ManagedTensorVersioned*>(PyCapsule_GetPointer(cap, "dltensor_versioned"));
+    PyCapsule_SetName(cap, "used_dltensor_versioned");
+    owned.add_versioned(m);
+    if (m->version.major != 1)
+      throw TypeError(where(what, i) + " uses DLPack major version " + std::to_string(m->version.major) +
+                      "; fastsgd understands version 1");
+    if (m->flags & dlpack::kFlagIsCopied)
+      throw ValueError(where(what, i) + " was copied by its producer during export; fastsgd needs the original buffer");
+    from_dltensor(m->dl_tensor, writable, (m->flags & dlpack::kFlagReadOnly) != 0, what, i, out);
+  } else if (PyCapsule_IsValid(cap, "dltensor")) {
+    auto* m = static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+    PyCapsule_SetName(cap, "used_dltensor");
+    owned.add_legacy(m);
+    from_dltensor(m->dl_tensor, writable, false, what, i, out);
+  } else {
+    throw TypeError(where(what, i) + ".__dlpack__() did not return a DLPack capsule");
+  }
+}
+
+void import_tensor(py::handle obj, bool writable, const char* what, size_t i, Imported& out, ImportContext& ctx) {
+  if (py::detail::npy_api::get().PyArray_Check_(obj.ptr())) {
+    import_numpy(obj, writable, what, i, out);
+    return;
+  }
+  import_dlpack(obj, writable, what, i, out, ctx);
+}
+
+bool same_shape(const Imported& a, const Imported& b) {
+  if (a.ndim != b.ndim) return false;
+  for (int d = 0; d < a.ndim; ++d)
+    if (a.shape[d] != b.shape[d]) return false;
+  return true;
+}
+
+std::string shape_str(const Imported& t) {
+  std::string s = "(";
+  for (int d = 0; d < t.ndim; ++d) s += std::to_string(t.shape[d]) + (t.ndim == 1 || d + 1 < t.ndim ? "," : "");
+  return s + ")";
+}
+
+Options options_from(const py::dict& kw) {
+  Options o;
+  auto get = [&](const char* key, auto& field) {
+    if (kw.contains(key) && !kw[key].is_none()) field = kw[key].cast<std::decay_t<decltype(field)>>();
+  };
+  get("momentum", o.momentum);
+  get("nesterov", o.nesterov);
+  get("weight_decay", o.weight_decay);
+  get("clipnorm", o.clipnorm);
+  get("clipvalue", o.clipvalue);
+  get("global_clipnorm", o.global_clipnorm);
+  get("use_ema", o.use_ema);
+  get("ema_momentum", o.ema_momentum);
+  get("ema_overwrite_frequency", o.ema_overwrite_frequency);
+  get("loss_scale_factor", o.loss_scale_factor);
+  get("gradient_accumulation_steps", o.gradient_accumulation_steps);
+  get("slots_in_variable_dtype", o.slots_in_variable_dtype);
+  return o;
+}
+
+// The engine as Python sees it: variables are matched to slots by identity, as Keras does,
+// and each call imports what it is given.
+class Engine {
+ public:
+  explicit Engine(const py::dict& options) : sgd_(options_from(options)) {}
+
+  void build(const py::sequence& variables, const std::vector<bool>& decays) {
+    const size_t n = variables.size();
+    std::vector<py::object> objects;
+    std::vector<TensorView> views(n);
+    ImportContext ctx;
+    for (size_t i = 0; i < n; ++i) {
+      objects.push_back(variables[i]);
+      Imported im;
+      import_tensor(objects.back(), true, "variables", i, im, ctx);
+      views[i] = im.view;
+    }
+    sgd_.build(views, decays);
+    built_ = std::move(objects);
+    index_.clear();
+    for (size_t i = 0; i < n; ++i) index_.emplace(built_[i].ptr(), i);
+    var_views_.resize(n);
+    grad_views_.resize(n);
+    present_.resize(n);
+  }
+
+  // Returns how many gradients were None (Keras warns about those).
+  size_t step(const py::sequence& grads, const py::object& variables, double learning_rate,
+              const py::object& stream) {
+    // The GIL is released while the engine runs: a second thread entering the same optimizer
+    // would race on its scratch buffers, so it is refused instead.
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock())
+      throw std::runtime_error("this optimizer is already running a step in another thread");
+    const size_t n_built = built_.size();
+    const bool all = variables.is_none();
+    const size_t n = grads.size();
+    if (all && n != n_built)
+      throw ValueError("got " + std::to_string(n) + " gradients for " + std::to_string(n_built) + " variables");
+    py::sequence vars_seq = all ? py::sequence() : py::reinterpret_borrow<py::sequence>(variables);
+    if (!all && vars_seq.size() != n)
+      throw ValueError("grads and variables differ in length (" + std::to_string(n) + " and " +
+                       std::to_string(vars_seq.size()) + ")");
+    std::fill(var_views_.begin(), var_views_.end(), TensorView{});
+    std::fill(grad_views_.begin(), grad_views_.end(), TensorView{});
+    std::fill(present_.begin(), present_.end(), 0);
+    ImportContext ctx;
+    if (!stream.is_none()) ctx.stream = stream.cast<long long>();
+    size_t missing = 0;
+    for (size_t i = 0; i < n; ++i) {
+      py::handle var = all ? built_[i] : vars_seq[i];
+      const size_t pos = position_of(var, i);
+      if (present_[pos]) throw ValueError(where("variables", i) + " appears more than once in this call");
+      present_[pos] = 1;
+      py::handle grad = grads[i];
+      if (grad.is_none()) {
+        ++missing;
+        continue;
+      }
+      Imported gi, vi;
+      import_tensor(grad, false, "grads", i, gi, ctx);
+      import_tensor(var, true, "variables", i, vi, ctx);
+      if (!same_shape(gi, vi))
+        throw ValueError(where("grads", i) + " has shape " + shape_str(gi) + " but its variable has shape " +
+                         shape_str(vi));
+      grad_views_[pos] = gi.view;
+      var_views_[pos] = vi.view;
+      if (gi.view.numel == 0) grad_views_[pos].data = vi.view.data ? vi.view.data : &present_[pos];
+    }
+    if (sgd_.next_step_touches_all()) {
+      for (size_t pos = 0; pos < n_built; ++pos) {
+        if (var_views_[pos].data || sgd_.variable_spec(pos).numel == 0) continue;
+        Imported vi;
+        import_tensor(built_[pos], true, "variables", pos, vi, ctx);
+        var_views_[pos] = vi.view;
+      }
+    }
+    if (ctx.stream >= 0) {
+      sgd_.set_stream(uintptr_t(ctx.stream));
+    } else if (ctx.cuda_api) {
+      // Launch where the producer (e.g. torch) queues its own work: its current stream.
+      for (size_t pos = 0; pos < n_built; ++pos) {
+        if (var_views_[pos].device.kind != DeviceKind::cuda) continue;
+        void* s = nullptr;
+        if (ctx.cuda_api->current_work_stream(dlpack::kCUDA, var_views_[pos].device.index, &s) != 0)
+          throw py::error_already_set();
+        sgd_.set_stream(reinterpret_cast<uintptr_t>(s));
+        break;
+      }
+    }
+    {
+      py::gil_scoped_release nogil;
+      sgd_.step(var_views_.data(), grad_views_.data(), learning_rate);
+    }
+    return missing;
+  }
+
+  void finalize(const py::sequence& variables) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock())
+      throw std::runtime_error("this optimizer is already running a step in another thread");
+    std::vector<TensorView> views(variables.size());
+    ImportContext ctx;
+    for (size_t i = 0; i < views.size(); ++i) {
+      Imported im;
+      import_tensor(variables[i], true, "variables", i, im, ctx);
+      views[i] = im.view;
+    }
+    py::gil_scoped_release nogil;
+    sgd_.finalize_variable_values(views);
+  }
+
+  py::array read_slot(int kind, size_t i) const {
+    const TensorView v = sgd_.slot(SlotKind(kind), i);
+    if (!v.data) throw ValueError(std::string("no ") + slot_kind_name(SlotKind(kind)) + " slots");
+    const char* fmt = v.dtype == DType::float64 ? "float64" : v.dtype == DType::float32 ? "float32"
+                      : v.dtype == DType::float16 ? "float16" : "uint16";
+    py::array out(py::dtype(fmt), std::vector<py::ssize_t>{py::ssize_t(v.numel)});
+    sgd_.read_slot(SlotKind(kind), i, out.mutable_data());
+    return out;
+  }
+
+  void write_slot(int kind, size_t i, const py::array& values) {
+    const TensorView v = sgd_.slot(SlotKind(kind), i);
+    if (!v.data) throw ValueError(std::string("no ") + slot_kind_name(SlotKind(kind)) + " slots");
+    if (!(values.flags() & py::array::c_style) || values.nbytes() != v.nbytes() ||
+        values.itemsize() != dtype_size(v.dtype))
+      throw ValueError(std::string(slot_kind_name(SlotKind(kind))) + " slot " + std::to_string(i) + " expects " +
+                       std::to_string(v.numel) + " contiguous " + dtype_name(v.dtype) + " values");
+    sgd_.write_slot(SlotKind(kind), i, values.data());
+  }
+
+  py::tuple slot_spec(size_t i) const {
+    const TensorView v = sgd_.slot(SlotKind::momentum, i);
+    return py::make_tuple(sgd_.variable_spec(i).numel, std::string(dtype_name(v.dtype)));
+  }
+
+  SGD& sgd() { return sgd_; }
+  size_t size() const { return built_.size(); }
+
+ private:
+  size_t position_of(py::handle var, size_t i) const {
+    if (i < built_.size() && built_[i].ptr() == var.ptr()) return i;
+    auto it = index_.find(var.ptr());
+    if (it != index_.end()) return it->second;
+    throw ValueError("Unknown variable " + where("variables", i) + " (a " + type_name(var) +
+                     "): it is not one of the variables this optimizer was built with");
+  }
+
+  SGD sgd_;
+  std::mutex busy_;
+  std::vector<py::object> built_;
+  std::unordered_map<PyObject*, size_t> index_;
+  std::vector<TensorView> var_views_, grad_views_;
+  std::vector<char> present_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fastsgd native core: the SGD engine behind fastsgd.SGD";
+  py::register_local_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const fastsgd::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const fastsgd::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  py::class_<Engine>(m, "Engine", "The C++ fastsgd::SGD engine, holding slots and iteration counters.")
+      .def(py::init<const py::dict&>(), py::arg("options"), "Creates an engine from a dict of hyper-parameters.")
+      .def("build", &Engine::build, py::arg("variables"), py::arg("decays"),
+           "Declares the variables in order and allocates their slots (zeros).")
+      .def("step", &Engine::step, py::arg("grads"), py::arg("variables"), py::arg("learning_rate"),
+           py::arg("stream") = py::none(),
+           "One apply(): updates the variables in place. variables=None means the built list; "
+           "stream is an explicit cudaStream_t handle for CUDA tensors.")
+      .def("finalize", &Engine::finalize, py::arg("variables"),
+           "Copies each EMA average into the variable at the same position.")
+      .def("read_slot", &Engine::read_slot, py::arg("kind"), py::arg("index"), "A copy of one slot (flat).")
+      .def("write_slot", &Engine::write_slot, py::arg("kind"), py::arg("index"), py::arg("values"),
+           "Overwrites one slot from a flat contiguous array of the slot's dtype.")
+      .def("slot_spec", &Engine::slot_spec, py::arg("index"), "(numel, dtype name) of variable index's slots.")
+      .def("has_slot", [](Engine& e, int kind) { return e.sgd().has_slot(SlotKind(kind)); }, py::arg("kind"),
+           "Whether slots of this kind exist.")
+      .def("set_decays", [](Engine& e, size_t i, bool d) { e.sgd().set_decays(i, d); }, py::arg("index"),
+           py::arg("decays"), "Includes or excludes variable index from weight decay.")
+      .def("set_stream", [](Engine& e, uintptr_t s) { e.sgd().set_stream(s); }, py::arg("stream"),
+           "CUDA stream (cudaStream_t as int) for the following steps.")
+      .def_property_readonly("built", [](Engine& e) { return e.sgd().built(); }, "Whether build() ran.")
+      .def_property_readonly("size", &Engine::size, "Number of built variables.")
+      .def_property_readonly("update_is_due", [](Engine& e) { return e.sgd().update_is_due(); },
+                             "Whether the next step updates variables (False inside an accumulation window).")
+      .def_property_readonly("iterations", [](Engine& e) { return e.sgd().iterations(); },
+                             "Completed update steps (Keras's iterations).")
+      .def_property("raw_iterations", [](Engine& e) { return e.sgd().raw_iterations(); },
+                    [](Engine& e, int64_t v) { e.sgd().set_raw_iterations(v); },
+                    "Every apply() call so far (Keras's _iterations).");
+
+  m.def("cpu_info", [] {
+    const CpuInfo c = cpu_info();
+    py::dict d;
+    d["available"] = c.available;
+    d["active"] = c.active;
+    d["threads"] = c.threads;
+    return d;
+  }, "ISA levels this CPU supports, the one in use, and the thread count.");
+  m.def("cuda_info", [] {
+    const CudaInfo c = cuda_info();
+    py::dict d;
+    d["built"] = c.built;
+    d["device_count"] = c.device_count;
+    d["status"] = c.status;
+    return d;
+  }, "Whether CUDA kernels were built, and the devices found.");
+  m.def("set_num_threads", [](int n) { set_num_threads(n); }, py::arg("threads"),
+        "Caps the CPU threads a step uses (0 restores FASTSGD_NUM_THREADS or the CPU count).");
+  m.attr("__version__") = std::to_string(FASTSGD_VERSION_MAJOR) + "." + std::to_string(FASTSGD_VERSION_MINOR) +
+                          "." + std::to_string(FASTSGD_VERSION_PATCH);
+}
