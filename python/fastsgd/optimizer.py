@@ -332,12 +332,13 @@ class SGD:
                 self._increment_version([v for v in variables if _is_torch(v)])
 
     def apply_gradients(self, grads_and_vars: Iterable) -> int:
-        """Keras's ``apply_gradients(zip(grads, vars))``; returns ``iterations``."""
+        """Keras's ``apply_gradients(zip(grads, vars))``. Like Keras, returns the raw call
+        counter (``_iterations``: every call, accumulation calls included)."""
         pairs = list(grads_and_vars)
         grads = [g for g, _ in pairs]
         variables = [v for _, v in pairs]
         self.apply(grads, variables)
-        return self.iterations
+        return int(self._engine.raw_iterations)
 
     def minimize(self, loss: Any, var_list: Iterable, tape: Any = None) -> None:
         """Computes gradients of ``loss`` with respect to ``var_list`` and applies them.
