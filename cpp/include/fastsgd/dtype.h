@@ -34,7 +34,7 @@ inline const char* dtype_name(DType t) {
   return "unknown";
 }
 
-namespace detail {
+namespace bits {
 
 FASTSGD_HD uint32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)
@@ -56,12 +56,12 @@ FASTSGD_HD float bits_float(uint32_t u) {
 #endif
 }
 
-}  // namespace detail
+}  // namespace bits
 
-FASTSGD_HD float to_float(bfloat16_t v) { return detail::bits_float(uint32_t(v.bits) << 16); }
+FASTSGD_HD float to_float(bfloat16_t v) { return bits::bits_float(uint32_t(v.bits) << 16); }
 
 FASTSGD_HD bfloat16_t to_bfloat16(float f) {
-  uint32_t u = detail::float_bits(f);
+  uint32_t u = bits::float_bits(f);
   // NaN must stay NaN: rounding could carry its payload into the exponent (infinity).
   if ((u & 0x7fffffffu) > 0x7f800000u) return bfloat16_t{uint16_t((u >> 16) | 0x0040u)};
   u += 0x7fffu + ((u >> 16) & 1u);
@@ -78,19 +78,19 @@ FASTSGD_HD float to_float(half_t v) {
   const uint32_t normal = ((exp + 112u) << 23) | (man << 13);  // rebias 15 -> 127
   const uint32_t special = 0x7f800000u | (man << 13);           // infinity or NaN
   // Subnormal: 2^-14 * (1 + man/1024) - 2^-14 = man * 2^-24, exactly.
-  const float subnormal = detail::bits_float((man << 13) | 0x38800000u) - detail::bits_float(0x38800000u);
-  const float magnitude = exp == 0u ? subnormal : detail::bits_float(exp == 0x1fu ? special : normal);
-  return detail::bits_float(detail::float_bits(magnitude) | sign);
+  const float subnormal = bits::bits_float((man << 13) | 0x38800000u) - bits::bits_float(0x38800000u);
+  const float magnitude = exp == 0u ? subnormal : bits::bits_float(exp == 0x1fu ? special : normal);
+  return bits::bits_float(bits::float_bits(magnitude) | sign);
 }
 
 FASTSGD_HD half_t to_half(float f) {
-  const uint32_t u = detail::float_bits(f);
+  const uint32_t u = bits::float_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t abs = u & 0x7fffffffu;
   // Normal half: rebias 127 -> 15 (wrapping add), round to nearest even on the 13 dropped bits.
   const uint32_t normal = (abs + 0xc8000fffu + ((abs >> 13) & 1u)) >> 13;
   // Subnormal half: adding 0.5 lets the FPU round the bits into place (nearest even).
-  const uint32_t subnormal = detail::float_bits(detail::bits_float(abs) + 0.5f) - 0x3f000000u;
+  const uint32_t subnormal = bits::float_bits(bits::bits_float(abs) + 0.5f) - 0x3f000000u;
   // >= 65536: infinity, or NaN with its payload kept (quiet bit set).
   const uint32_t special = abs > 0x7f800000u ? (0x7e00u | ((abs >> 13) & 0x3ffu)) : 0x7c00u;
   const uint32_t r = abs >= 0x47800000u ? special : (abs < 0x38800000u ? subnormal : normal);
