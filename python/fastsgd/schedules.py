@@ -317,6 +317,9 @@ class PiecewiseConstantDecay(_BuiltinSchedule):
     literal Keras computation ``sum(mask_i * v[i])`` (which may add several values, or give NaN
     from ``0 * inf``); otherwise a binary search.
 
+    The lists are read when the schedule is built and whenever ``boundaries`` or ``values`` is
+    reassigned; edit them by reassigning, not in place.
+
     Args:
         boundaries: step boundaries, increasing.
         values: one more value than boundaries.
@@ -629,13 +632,16 @@ class CosineDecayRestarts(_BuiltinSchedule):
         lr = initial_learning_rate * ((1 - alpha) * 0.5 * m_mul ** i * (1 + cos(pi * f)) + alpha)
 
     Everything is computed as Keras does, in the compute dtype, except the period index ``i``
-    when ``t_mul != 1``: Keras's float32 ``log`` ratio can land just below an integer at an
-    exact restart (e.g. ``t_mul=1.5``, ``first_decay_steps=2``, step 5), returning the end of
-    the previous period instead of the restart peak. fastsgd takes the float64 estimate of
-    ``i`` and corrects it so that ``(t_mul**i - 1) / (t_mul - 1) <= f < (t_mul**(i+1) - 1) /
-    (t_mul - 1)`` holds in float64, which is the mathematically right period. (When the
-    ``log`` argument is not positive, e.g. past the finite total length when ``t_mul < 1``,
-    the Keras formula is used as is and gives NaN/inf like Keras.)
+    when ``t_mul != 1``. In float32 the restart points ``S(k) * first_decay_steps``, with
+    ``S(k) = (t_mul**k - 1) / (t_mul - 1)``, are blurred by the rounding of ``t_mul``, ``f`` and
+    the ``log`` ratio, so at some exact restarts Keras returns the end of the previous period
+    (about ``alpha * lr0``) instead of the restart peak (e.g. ``t_mul=1.2``,
+    ``first_decay_steps=5``, step 11). fastsgd computes ``i`` in float64 from the arguments as
+    given, ``f64 = step / first_decay_steps``, and picks the ``i`` with
+    ``S(i) <= f64 < S(i+1)``, where a ``f64`` within a relative ``1e-9`` of ``S(i+1)`` counts as
+    reaching it. Away from restart points this is the ``i`` Keras computes. (If the float64
+    ``log`` has no value, e.g. past the finite total length when ``t_mul < 1``, the Keras formula
+    is used as is and gives NaN like Keras.)
 
     Args:
         initial_learning_rate: the rate at step 0 (picks the compute dtype).
@@ -686,15 +692,15 @@ class CosineDecayRestarts(_BuiltinSchedule):
         one = dt(1)
         t = dt(self._t_mul)
         alpha = dt(self.alpha)
-        t64 = float(t)
+        t64, fds64 = float(self._t_mul), float(self.first_decay_steps)
         return (dt, cast, dt(self.initial_learning_rate), dt(self.first_decay_steps), t, dt(self._m_mul), alpha,
-                one - alpha, one - t, _log(t, cast), t != one, dt(math.pi), dt(0.5), one, t64,
+                one - alpha, one - t, _log(t, cast), t != one, dt(math.pi), dt(0.5), one, t64, fds64,
                 t64 > 0 and math.isfinite(t64))
 
     def __call__(self, step) -> float:
         """The SGDR value at ``step`` (see the class docstring)."""
         c = self._c or self._constants()
-        dt, cast, lr0, fds, t, m, alpha, keep, one_minus_t, log_t, geometric, pi, half, one, t64, t_ok = c
+        dt, cast, lr0, fds, t, m, alpha, keep, one_minus_t, log_t, geometric, pi, half, one, t64, fds64, t_ok = c
         if type(step) is not int:
             step = _as_number(step)
         f = cast(step) / fds
@@ -702,10 +708,9 @@ class CosineDecayRestarts(_BuiltinSchedule):
             i = _floor(f, cast)
             f = f - i
         else:
-            arg = one - f * one_minus_t
-            i = self._period_index(float(f), t64) if t_ok and 0 < arg < math.inf else None
+            i = self._period_index(step / fds64, t64) if t_ok else None
             if i is None:
-                return self._keras_formula(f, arg, c)
+                return self._keras_formula(f, c)
             i = cast(i)
             t_i = _pow(t, i, cast)
             f = (f - (one - t_i) / one_minus_t) / t_i
@@ -714,17 +719,20 @@ class CosineDecayRestarts(_BuiltinSchedule):
 
     @staticmethod
     def _period_index(f: float, t: float) -> Optional[int]:
-        """The period holding fraction ``f``: ``S(i) <= f < S(i+1)``, ``S(k) = (t**k - 1)/(t - 1)``.
+        """The ``i`` with ``S(i) <= f < S(i+1)``, ``S(k) = (t**k - 1) / (t - 1)``, in float64.
 
-        All in float64; None if that fails (then the Keras formula is used).
+        ``f`` within a relative 1e-9 below ``S(i+1)`` counts as ``S(i+1)`` (an exact restart
+        blurred by rounding). None when the logarithm is undefined (Keras formula then).
         """
         try:
-            i = math.floor(math.log1p(f * (t - 1)) / math.log(t))
-            d = t - 1
-            for _ in range(4):
-                if (t ** i - 1) / d > f:
+            d = t - 1.0
+            i = math.floor(math.log1p(f * d) / math.log(t))
+            for _ in range(4):  # the estimate is off by at most one; settle it on S itself
+                lo = (t ** i - 1.0) / d
+                hi = (t ** (i + 1) - 1.0) / d
+                if f < lo - 1e-9 * abs(lo):
                     i -= 1
-                elif (t ** (i + 1) - 1) / d <= f:
+                elif f >= hi - 1e-9 * abs(hi):
                     i += 1
                 else:
                     break
@@ -733,11 +741,11 @@ class CosineDecayRestarts(_BuiltinSchedule):
             return None
 
     @staticmethod
-    def _keras_formula(f, arg, c) -> float:
-        """Keras's geometric branch verbatim, in the compute dtype (NaN/inf cases)."""
-        dt, cast, lr0, fds, t, m, alpha, keep, one_minus_t, log_t, geometric, pi, half, one, t64, t_ok = c
+    def _keras_formula(f, c) -> float:
+        """Keras's geometric branch verbatim, in the compute dtype (the NaN/inf cases)."""
+        dt, cast, lr0, fds, t, m, alpha, keep, one_minus_t, log_t, geometric, pi, half, one, t64, fds64, t_ok = c
         with np.errstate(all="ignore"):
-            i = _floor(_log(arg, cast) / log_t, cast)
+            i = _floor(_log(one - f * one_minus_t, cast) / log_t, cast)
             t_i = _pow(t, i, cast)
             f = (f - (one - t_i) / one_minus_t) / t_i
             cosine = half * _pow(m, i, cast) * (one + _cos(pi * f, cast))
