@@ -9,6 +9,7 @@ Keras-shaped facade, the learning-rate schedules and a plain NumPy reference.
 """
 
 from . import _core, schedules
+from ._cmake import get_cmake_dir, get_include
 from ._core import __version__
 from .optimizer import SGD
 
@@ -28,4 +29,5 @@ def set_num_threads(threads: int) -> None:
     _core.set_num_threads(int(threads))
 
 
-__all__ = ["SGD", "schedules", "cpu_info", "cuda_info", "set_num_threads", "__version__"]
+__all__ = ["SGD", "schedules", "cpu_info", "cuda_info", "set_num_threads", "get_cmake_dir", "get_include",
+           "__version__"]

@@ -23,7 +23,11 @@ def info(args: argparse.Namespace) -> int:
     if args.cmake_dir:
         from . import _cmake
 
-        print(_cmake.get_cmake_dir())
+        try:
+            print(_cmake.get_cmake_dir())
+        except FileNotFoundError as exc:
+            print(f"fastsgd: {exc}", file=sys.stderr)
+            return 1
         return 0
     cpu = fastsgd.cpu_info()
     cuda = fastsgd.cuda_info()

@@ -1,0 +1,302 @@
+// (c) The CPU walk of one ISA level against the scalar reference (reference.h), bit for bit.
+//
+// Usage: test_walk <level>   (x86-64, x86-64-v3, x86-64-v4, neon, generic; "auto" = the best)
+// The level is forced through FASTSGD_CPU_ISA before the engine first looks at it (the choice
+// is made once per process), so CTest runs this program once per level. A level this CPU
+// cannot run exits with 77, which CTest reports as skipped.
+//
+// The sweep: six storage combinations (float32, float64, float16 and bfloat16 with float32
+// slots or slots of their own type) x ten option sets x every element count 0..67 (two
+// AVX-512 vectors of float16-as-float32 lanes and a tail) x misalignments of 0, 1, 3, 7
+// elements from a 64-byte boundary, four steps each (and finalize_variable_values with EMA).
+// Every user buffer (variables, gradients) has sentinel elements before and after it; the
+// engine's slot buffers (read through SGD::slot) have their padding up to the next 64 bytes
+// checked (the CPU backend allocates slots in whole, zero-filled cache lines).
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "check.h"
+#include "fastsgd/fastsgd.h"
+#include "reference.h"
+
+using namespace fastsgd;
+
+namespace {
+
+constexpr int kMaxCount = 67;
+const int kMisalign[] = {0, 1, 3, 7};
+const double kRates[] = {0.1, 0.05, 0.2, 0.01};
+constexpr int kSteps = 4;
+std::string g_level = "auto";
+
+// A buffer of n elements at `mis` elements past a 64-byte boundary, with sentinels around it.
+template <class T>
+class Guarded {
+ public:
+  static constexpr size_t kFront = 64 / sizeof(T);
+  static constexpr size_t kBack = 16;
+
+  Guarded(size_t n, size_t mis) : n_(n), mis_(mis) {
+    total_ = kFront + mis + n + kBack;
+    const size_t bytes = (total_ * sizeof(T) + 63) / 64 * 64;
+    base_ = static_cast<unsigned char*>(std::aligned_alloc(64, bytes));
+    if (!base_) throw std::bad_alloc();
+    std::memset(base_, kSentinel, bytes);
+  }
+  ~Guarded() { std::free(base_); }
+  Guarded(const Guarded&) = delete;
+  Guarded& operator=(const Guarded&) = delete;
+
+  T* data() { return reinterpret_cast<T*>(base_) + kFront + mis_; }
+  size_t size() const { return n_; }
+
+  // True when no byte outside [data, data + n) changed.
+  bool intact() const {
+    const size_t begin = (kFront + mis_) * sizeof(T), end = begin + n_ * sizeof(T);
+    for (size_t b = 0; b < begin; ++b)
+      if (base_[b] != kSentinel) return false;
+    for (size_t b = end; b < total_ * sizeof(T); ++b)
+      if (base_[b] != kSentinel) return false;
+    return true;
+  }
+
+ private:
+  static constexpr unsigned char kSentinel = 0x5a;
+  unsigned char* base_;
+  size_t n_, mis_, total_;
+};
+
+struct Scenario {
+  const char* name;
+  Options options;
+  bool specials = false;        // inf / NaN / huge gradients in a few places
+  int missing_step = -1;        // on this step variable 1 has no gradient
+  bool second_decays = true;
+};
+
+std::vector<Scenario> scenarios() {
+  std::vector<Scenario> list;
+  auto add = [&](const char* name, auto edit) {
+    Scenario s;
+    s.name = name;
+    edit(s);
+    list.push_back(s);
+  };
+  add("plain", [](Scenario&) {});
+  add("momentum", [](Scenario& s) { s.options.momentum = 0.9; });
+  add("nesterov+weight_decay", [](Scenario& s) {
+    s.options.momentum = 0.9;
+    s.options.nesterov = true;
+    s.options.weight_decay = 0.01;
+    s.second_decays = false;
+  });
+  add("clipvalue+loss_scale+specials", [](Scenario& s) {
+    s.options.clipvalue = 0.5;
+    s.options.loss_scale_factor = 4;
+    s.options.momentum = 0.5;
+    s.specials = true;
+  });
+  add("clipnorm", [](Scenario& s) {
+    s.options.clipnorm = 1.0;
+    s.options.momentum = 0.9;
+  });
+  add("global_clipnorm+nesterov", [](Scenario& s) {
+    s.options.global_clipnorm = 0.7;
+    s.options.momentum = 0.8;
+    s.options.nesterov = true;
+  });
+  add("ema+overwrite", [](Scenario& s) {
+    s.options.use_ema = true;
+    s.options.ema_momentum = 0.9;
+    s.options.ema_overwrite_frequency = 2;
+    s.options.momentum = 0.9;
+    s.options.weight_decay = 0.004;
+  });
+  add("accumulate2+ema+missing", [](Scenario& s) {
+    s.options.gradient_accumulation_steps = 2;
+    s.options.use_ema = true;
+    s.options.ema_momentum = 0.95;
+    s.options.momentum = 0.9;
+    s.missing_step = 2;
+  });
+  add("accumulate3+global_clipnorm", [](Scenario& s) {
+    s.options.gradient_accumulation_steps = 3;
+    s.options.global_clipnorm = 1.0;
+    s.options.momentum = 0.5;
+  });
+  add("plain+specials+missing", [](Scenario& s) {
+    s.specials = true;
+    s.missing_step = 1;
+  });
+  return list;
+}
+
+template <class T>
+T from_double(double v) {
+  T out{};
+  store(out, typename compute_type<T>::type(v));
+  return out;
+}
+
+// The engine's side of one variable: guarded user buffers for the variable and its gradient.
+template <class W>
+struct Side {
+  Guarded<W> w, g;
+  Side(size_t n, size_t mis) : w(n, mis), g(n, (mis + 3) % 8) {}
+};
+
+struct Case {
+  const Scenario* sc;
+  int count, mis, step;
+  const char* w_type;
+  const char* s_type;
+  std::string where() const {
+    return check::format("[%s] %s W=%s S=%s count=%d misalign=%d step=%d", g_level.c_str(), sc->name,
+                         w_type, s_type, count, mis, step);
+  }
+};
+
+template <class S>
+bool slot_ok(const SGD& sgd, SlotKind kind, size_t i, const std::vector<S>& expected,
+             const Case& c, const char* what) {
+  if (expected.empty()) return true;
+  const TensorView v = sgd.slot(kind, i);
+  if (!CHECK_MSG(v.numel == int64_t(expected.size()) && (v.numel == 0 || v.data),
+                 "%s: %s slot of variable %zu missing", c.where().c_str(), what, i))
+    return false;
+  const S* p = static_cast<const S*>(v.data);
+  for (size_t e = 0; e < expected.size(); ++e)
+    if (!ref::same(p[e], expected[e]))
+      return CHECK_MSG(false, "%s: %s[%zu][%zu] = %.9g, reference %.9g", c.where().c_str(), what, i,
+                       e, load<double>(p[e]), load<double>(expected[e]));
+  const size_t nbytes = expected.size() * sizeof(S);
+  const auto* bytes = static_cast<const unsigned char*>(v.data);
+  if (nbytes > 0)
+    for (size_t b = nbytes; b < (nbytes + 63) / 64 * 64; ++b)
+      if (bytes[b] != 0)
+        return CHECK_MSG(false, "%s: %s slot %zu written past its end (byte %zu)", c.where().c_str(),
+                         what, i, b);
+  return true;
+}
+
+template <class W, class S>
+bool compare(const SGD& sgd, std::vector<Side<W>*>& sides, ref::SGD& r, const Case& c) {
+  for (size_t i = 0; i < sides.size(); ++i) {
+    auto& rv = static_cast<ref::TypedVar<W, S>&>(*r.vars[i]);
+    const W* w = sides[i]->w.data();
+    for (size_t e = 0; e < rv.w.size(); ++e)
+      if (!ref::same(w[e], rv.w[e]))
+        return CHECK_MSG(false, "%s: variable[%zu][%zu] = %.9g, reference %.9g", c.where().c_str(), i,
+                         e, load<double>(w[e]), load<double>(rv.w[e]));
+    if (!CHECK_MSG(sides[i]->w.intact() && sides[i]->g.intact(), "%s: sentinel around variable or "
+                   "gradient %zu overwritten", c.where().c_str(), i))
+      return false;
+    if (!slot_ok(sgd, SlotKind::momentum, i, rv.m, c, "momentum") ||
+        !slot_ok(sgd, SlotKind::average, i, rv.avg, c, "average") ||
+        !slot_ok(sgd, SlotKind::accumulator, i, rv.acc, c, "accumulator"))
+      return false;
+  }
+  return CHECK_MSG(sgd.raw_iterations() == r.raw, "%s: raw_iterations", c.where().c_str());
+}
+
+template <class W, class S>
+void run_case(const Scenario& sc, int count, int mis, std::mt19937& rng) {
+  Options o = sc.options;
+  o.slots_in_variable_dtype = std::is_same<W, S>::value;
+  const int counts[2] = {count, kMaxCount - count};
+  const int misal[2] = {mis, (mis * 3 + 1) % 8};
+  Side<W> s0{size_t(counts[0]), size_t(misal[0])};
+  Side<W> s1{size_t(counts[1]), size_t(misal[1])};
+  std::vector<Side<W>*> sides = {&s0, &s1};
+  ref::SGD r(o);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::uniform_real_distribution<double> uniform(-2.0, 2.0);
+  std::vector<TensorView> views, grads;
+  for (int i = 0; i < 2; ++i) {
+    auto& rv = r.add<W, S>(counts[i]);
+    rv.decays = i == 0 || sc.second_decays;
+    for (int e = 0; e < counts[i]; ++e) rv.w[size_t(e)] = from_double<W>(uniform(rng));
+    if (counts[i]) std::memcpy(sides[size_t(i)]->w.data(), rv.w.data(), size_t(counts[i]) * sizeof(W));
+    views.push_back({sides[size_t(i)]->w.data(), counts[i], ref::dtype_of<W>::value});
+  }
+  SGD sgd(o);
+  sgd.build(views, {true, sc.second_decays});
+
+  Case c{&sc, count, mis, -1, ref::type_name<W>(), ref::type_name<S>()};
+  for (int step = 0; step < kSteps; ++step) {
+    c.step = step;
+    grads.clear();
+    for (size_t i = 0; i < 2; ++i) {
+      auto& rv = static_cast<ref::TypedVar<W, S>&>(*r.vars[i]);
+      rv.has_grad = !(i == 1 && step == sc.missing_step);
+      for (size_t e = 0; e < rv.g.size(); ++e) {
+        double v = normal(rng) * (step + 1);
+        if (sc.specials && e % 11 == 5) {
+          const double specials[] = {INFINITY, -INFINITY, NAN, 1e5, -1e38};
+          v = specials[(e / 11 + size_t(step)) % 5];
+        }
+        rv.g[e] = from_double<W>(v);
+      }
+      if (!rv.g.empty()) std::memcpy(sides[i]->g.data(), rv.g.data(), rv.g.size() * sizeof(W));
+      grads.push_back(rv.has_grad ? TensorView{sides[i]->g.data(), counts[i], ref::dtype_of<W>::value}
+                                  : TensorView{});
+    }
+    sgd.step(views, grads, kRates[step]);
+    r.step(kRates[step]);
+    if (!compare<W, S>(sgd, sides, r, c)) return;
+  }
+  c.step = kSteps;
+  sgd.finalize_variable_values(views);
+  r.finalize();
+  compare<W, S>(sgd, sides, r, c);
+  CHECK(sgd.iterations() == r.iterations());
+}
+
+template <class W, class S>
+void sweep(const std::vector<Scenario>& list) {
+  std::mt19937 rng(20240601);
+  const int before = check::failures();
+  for (const Scenario& sc : list)
+    for (int count = 0; count <= kMaxCount; ++count)
+      for (int mis : kMisalign) run_case<W, S>(sc, count, mis, rng);
+  std::printf("  W=%-8s S=%-8s %s\n", ref::type_name<W>(), ref::type_name<S>(),
+              check::failures() == before ? "ok" : "FAILED");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string level = argc > 1 ? argv[1] : "auto";
+  g_level = level;
+  if (level != "auto") setenv("FASTSGD_CPU_ISA", level.c_str(), 1);
+  CpuInfo info;
+  try {
+    info = cpu_info();  // the first look: fixes the level for this process
+  } catch (const std::runtime_error& e) {
+    if (std::string(e.what()).find("does not support") != std::string::npos) {
+      std::printf("SKIP: %s\n", e.what());
+      return check::kSkip;
+    }
+    std::printf("FAIL: %s\n", e.what());
+    return 1;
+  }
+  std::printf("ISA level in use: %s (available:", info.active.c_str());
+  for (const auto& a : info.available) std::printf(" %s", a.c_str());
+  std::printf(")\n");
+  if (level != "auto") CHECK_MSG(info.active == level, "asked for %s, got %s", level.c_str(), info.active.c_str());
+
+  const std::vector<Scenario> list = scenarios();
+  sweep<float, float>(list);
+  sweep<double, double>(list);
+  sweep<half_t, float>(list);
+  sweep<half_t, half_t>(list);
+  sweep<bfloat16_t, float>(list);
+  sweep<bfloat16_t, bfloat16_t>(list);
+  return check::finish(("test_walk " + level).c_str());
+}
