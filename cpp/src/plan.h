@@ -32,6 +32,9 @@ struct PassFeatures {
   bool merge_window = false;
   bool norm_clip = false;
   bool ema = false;
+  // Unscale or clip-by-value is active this step; when not, and for tasks without weight
+  // decay, the CPU walk uses kernels that skip those identities (CUDA ignores both).
+  bool grad_transforms = true;
 };
 
 enum class NormClip : int32_t { none = 0, per_tensor = 1, global = 2 };

@@ -275,6 +275,7 @@ void SGD::step(const TensorView* variables, const TensorView* grads, double lear
                                              : MomentumKind::heavy_ball;
   plan.features.merge_window = s.merge_window;
   plan.features.ema = o.use_ema;
+  plan.features.grad_transforms = s.grad_scale != 1.0 || s.clip_value > 0;
   plan.norm_clip = !update_call              ? detail::NormClip::none
                    : o.clipnorm > 0          ? detail::NormClip::per_tensor
                    : o.global_clipnorm > 0   ? detail::NormClip::global
@@ -300,7 +301,7 @@ void SGD::step(const TensorView* variables, const TensorView* grads, double lear
     t.m = im.slots[int(SlotKind::momentum)][i];
     t.avg = im.slots[int(SlotKind::average)][i];
     t.acc = im.slots[int(SlotKind::accumulator)][i];
-    t.ts.decays = decays_[i];
+    t.ts.decays = decays_[i] && o.weight_decay != 0.0;
     if (t.numel > 0) plan.tasks.push_back(t);
   }
   im.backend->execute(plan);

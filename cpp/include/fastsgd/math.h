@@ -128,14 +128,21 @@ FASTSGD_HD C effective_grad(C g, C acc, const Coeffs<C>& k) {
 }
 
 // The whole update of one element on an update call. `m`, `acc` and `avg` are only
-// read or written when the corresponding compile-time feature is on.
-template <class C, MomentumKind MK, bool MergeWindow, bool NormClip, bool Ema>
+// read or written when the corresponding compile-time feature is on. GradTransforms = false
+// may be chosen only when unscale and clip-by-value are identities (grad_scale == 1, no
+// clipvalue), and Decay = false only when decay_factor == 1: skipping an identity gives the
+// same bits, NaN included.
+template <class C, MomentumKind MK, bool MergeWindow, bool NormClip, bool Ema, bool GradTransforms = true,
+          bool Decay = true>
 FASTSGD_HD void update(C& w, C g, C& m, C& acc, C& avg, const Coeffs<C>& k) {
-  g = effective_grad<C, MergeWindow>(g, acc, k);
-  if constexpr (MergeWindow) acc = C(0);
+  if constexpr (GradTransforms) g = unscale(g, k);
+  if constexpr (MergeWindow) {
+    g = window_mean(g, acc, k);
+    acc = C(0);
+  }
   if constexpr (NormClip) g = clip_by_norm(g, k);
-  g = clip_by_value(g, k);
-  w = weight_decay(w, k);
+  if constexpr (GradTransforms) g = clip_by_value(g, k);
+  if constexpr (Decay) w = weight_decay(w, k);
   if constexpr (MK == MomentumKind::none) {
     w = plain_step(w, g, k);
   } else {
