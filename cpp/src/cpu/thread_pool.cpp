@@ -128,8 +128,9 @@ std::atomic<int> g_limit{0};
 void set_thread_limit(int threads) { g_limit.store(threads > 0 ? threads : 0); }
 
 int thread_limit() {
+  // The pool has configured_threads() threads; asking for more would only serialise.
   const int limit = g_limit.load();
-  return limit > 0 ? limit : configured_threads();
+  return limit > 0 && limit < configured_threads() ? limit : configured_threads();
 }
 
 void parallel_run(int count, void (*task)(void*, int), void* context) {

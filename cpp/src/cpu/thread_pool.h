@@ -9,7 +9,7 @@ namespace cpu {
 int configured_threads();
 
 // Caps the threads later steps use (tests compare 1 and 2 threads in one process); 0 restores
-// the configured number.
+// the configured number, and a cap above it has no effect.
 void set_thread_limit(int threads);
 int thread_limit();
 
