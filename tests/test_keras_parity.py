@@ -689,6 +689,20 @@ def test_keras_config_round_trips_through_fastsgd(lr, options):
     assert keras.optimizers.SGD.from_config(copy.deepcopy(fcfg)).get_config() == kcfg
 
 
+def step_both_and_compare(kopt, fopt, kvars, fvars, rng, scale, what):
+    """One step of fresh random gradients through Keras and fastsgd, then the acceptance check
+    on every variable and on iterations; returns the updated largest |value| seen."""
+    grads = [rng.standard_normal(v.shape).astype(F32) for v in fvars]
+    kopt.apply([keras.ops.convert_to_tensor(g) for g in grads], kvars)
+    fopt.apply([g.copy() for g in grads], fvars)
+    for i, (k, f) in enumerate(zip(kvars, fvars)):
+        k = to_numpy(k)
+        scale = max(scale, float(np.max(np.abs(k))))
+        assert_close(f, k, scale, KERAS_RTOL, KERAS_ATOL, f"{what}, variable {i}")
+    assert fopt.iterations == keras_iterations(kopt), what
+    return scale
+
+
 @pytest.mark.parametrize("lr", ["float", "polynomial_cycle", "cosine_restarts"])
 def test_optimizer_loaded_from_keras_config_steps_like_keras(lr):
     options = dict(momentum=0.9, nesterov=True, weight_decay=0.01, global_clipnorm=3.0, use_ema=True,
@@ -701,14 +715,7 @@ def test_optimizer_loaded_from_keras_config_steps_like_keras(lr):
     kvars, fvars = [keras.Variable(x.copy()) for x in inits], [x.copy() for x in inits]
     scale = 3.0
     for step in range(8):
-        grads = [rng.standard_normal(x.shape).astype(F32) for x in inits]
-        kopt.apply([keras.ops.convert_to_tensor(g) for g in grads], kvars)
-        fopt.apply([g.copy() for g in grads], fvars)
-        for i, (k, f) in enumerate(zip(kvars, fvars)):
-            k = to_numpy(k)
-            scale = max(scale, float(np.max(np.abs(k))))
-            assert_close(f, k, scale, KERAS_RTOL, KERAS_ATOL, f"from_config lr={lr}, step {step}, variable {i}")
-        assert fopt.iterations == keras_iterations(kopt)
+        scale = step_both_and_compare(kopt, fopt, kvars, fvars, rng, scale, f"from_config lr={lr}, step {step}")
 
 
 # =============================================================================================
@@ -730,14 +737,7 @@ def test_resume_from_state_dict_matches_uninterrupted_keras(stop_after):
             state = fopt.state_dict()
             fopt = fastsgd.SGD.from_config(fopt.get_config())
             fopt.load_state_dict(state)
-        grads = [rng.standard_normal(x.shape).astype(F32) for x in inits]
-        kopt.apply([keras.ops.convert_to_tensor(g) for g in grads], kvars)
-        fopt.apply([g.copy() for g in grads], fvars)
-        for i, (k, f) in enumerate(zip(kvars, fvars)):
-            k = to_numpy(k)
-            scale = max(scale, float(np.max(np.abs(k))))
-            assert_close(f, k, scale, KERAS_RTOL, KERAS_ATOL, f"resumed after {stop_after}, step {step}, var {i}")
-        assert fopt.iterations == keras_iterations(kopt), f"step {step}"
+        scale = step_both_and_compare(kopt, fopt, kvars, fvars, rng, scale, f"resumed after {stop_after}, step {step}")
 
 
 def test_a_float_cannot_replace_a_schedule_in_either():
