@@ -101,15 +101,9 @@ def _float_arg(name: str, value: Any, allow_none: bool = True) -> Optional[float
 
 def _engine_group(group: dict, convention: str) -> Any:
     """The engine's record of one torch parameter group (lr may be a 1-element tensor)."""
-    g = _core.Group()
-    lr = group["lr"]
-    g.learning_rate = float(lr)
-    g.momentum = float(group["momentum"])
-    g.dampening = float(group["dampening"])
-    g.nesterov = bool(group["nesterov"])
-    g.weight_decay = float(group["weight_decay"])
-    g.maximize = bool(group["maximize"])
-    return g
+    return _core.Group(learning_rate=float(group["lr"]), momentum=float(group["momentum"]),
+                       dampening=float(group["dampening"]), nesterov=bool(group["nesterov"]),
+                       weight_decay=float(group["weight_decay"]), maximize=bool(group["maximize"]))
 
 
 def _group_key(group: dict) -> tuple:
@@ -226,7 +220,7 @@ class SGD(Optimizer):
         if ema_overwrite_frequency is not None:
             if isinstance(ema_overwrite_frequency, bool) or not isinstance(ema_overwrite_frequency, int):
                 raise TypeError(f"`ema_overwrite_frequency` must be an int or None, got {ema_overwrite_frequency!r}")
-            options.ema_overwrite_frequency = ema_overwrite_frequency
+            options.ema_overwrite_frequency = ema_overwrite_frequency or None
         if not isinstance(skip_nonfinite, bool):
             raise TypeError(f"`skip_nonfinite` must be a bool, got {skip_nonfinite!r}")
         options.skip_nonfinite = skip_nonfinite
@@ -238,10 +232,11 @@ class SGD(Optimizer):
         options.group = _engine_group({"lr": lr, "momentum": momentum, "dampening": dampening,
                                        "nesterov": nesterov, "weight_decay": weight_decay,
                                        "maximize": maximize}, convention)
-        _core.Engine(options)  # validates every option with the engine's own messages, now
+        _core.validate(options)  # the engine's own range checks and wording, now
         self._options = options
         self._convention = convention
         self._momentum_key = _MOMENTUM_KEY[convention]
+        self._accumulating = (gradient_accumulation_steps or 0) > 1
         self._plan: Optional[_Plan] = None
         self._counters = (0, 0)  # (raw_iterations, skipped_steps) carried across engine rebuilds
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay,
@@ -306,6 +301,7 @@ class SGD(Optimizer):
             setattr(o, k, c[k])
         self._options, self._convention = o, c["convention"]
         self._momentum_key = _MOMENTUM_KEY[self._convention]
+        self._accumulating = (o.gradient_accumulation_steps or 0) > 1
         self._counters = tuple(c["counters"])
 
     @torch._disable_dynamo
@@ -320,7 +316,7 @@ class SGD(Optimizer):
         With EMA or gradient accumulation the engine's counters ride along under ``"fastsgd"``."""
         out = super().state_dict()
         o = self._options
-        if o.use_ema or o.gradient_accumulation_steps > 1:
+        if o.use_ema or self._accumulating:
             raw, skipped = self._live_counters()
             out[_COUNTERS_KEY] = {"raw_iterations": raw, "skipped_steps": skipped}
         return out
@@ -354,7 +350,7 @@ class SGD(Optimizer):
         plan.params = list(chain.from_iterable(plan.group_params))
         plan.dtensor = dtensor_type is not None and any(isinstance(p, dtensor_type) for p in plan.params)
         plan.sharded = [dtensor_type is not None and isinstance(p, dtensor_type) for p in plan.params]
-        if plan.dtensor and self._options.clipnorm > 0.0:
+        if plan.dtensor and self._options.clipnorm is not None:
             raise ValueError("`clipnorm` (per-tensor norms) is not supported with sharded DTensor parameters; "
                              "use `global_clipnorm`")
         plan.locals = [_local(p, dtensor_type) for p in plan.params] if plan.dtensor else plan.params
@@ -454,7 +450,9 @@ class SGD(Optimizer):
         slots = {}
         created: list = []      # momentum buffers made for this step: dropped unless it updates
         aux_created: list = []  # EMA / accumulators made now: dropped if the step is skipped
-        update_due = found_inf is not True and (o.gradient_accumulation_steps <= 1 or engine.update_is_due)
+        # The engine wants every slot of a would-be update even when found_inf skips it; what is
+        # made for a skipped step is dropped again below.
+        update_due = not self._accumulating or engine.update_is_due
         key = self._momentum_key
         bufs = list(map(dict.get, plan.dicts, repeat(key)))
         fresh = None
@@ -469,25 +467,66 @@ class SGD(Optimizer):
             ema = self._aux_slots(plan, _EMA_KEY, lambda p: p.detach().clone(memory_format=torch.contiguous_format),
                                   aux_created)
             slots[_core.SlotKind.average] = [_local(t, _dtensor_type()) for t in ema] if plan.dtensor else ema
-        if o.gradient_accumulation_steps > 1:
+        if self._accumulating:
             acc = self._aux_slots(plan, _ACC_KEY, lambda p: torch.zeros_like(p, memory_format=torch.contiguous_format),
                                   aux_created)
             slots[_core.SlotKind.accumulator] = [_local(t, _dtensor_type()) for t in acc] if plan.dtensor else acc
         global_sum_squares = None
-        if plan.dtensor and (o.global_clipnorm > 0.0 or o.skip_nonfinite) and found_inf is not True:
+        if plan.dtensor and (o.global_clipnorm is not None or o.skip_nonfinite) and found_inf is not True:
             global_sum_squares, nonfinite = self._global_stats(plan, grads, slots or None, grad_scale)
             if nonfinite and o.skip_nonfinite:
                 found_inf = True
+        variables = [_local(p, _dtensor_type()) for p in plan.params] if plan.dtensor else None
         try:
-            result = engine.step(grads, plan.locals, slots=slots or None, fresh_momentum=fresh,
-                                 grad_scale=grad_scale, found_inf=found_inf, global_sum_squares=global_sum_squares)
+            try:
+                updated, skipped, _ = engine.step(grads, variables, slots=slots or None, fresh_momentum=fresh,
+                                                  grad_scale=grad_scale, found_inf=found_inf,
+                                                  global_sum_squares=global_sum_squares)
+            except (TypeError, ValueError, RuntimeError) as refusal:
+                # Slow path, only after the engine refused (and so changed nothing): torch accepts
+                # strided gradients and buffers, so retry once with contiguous copies.
+                grads, slots = self._contiguous_or_raise(refusal, plan, grads, slots)
+                updated, skipped, _ = engine.step(grads, variables, slots=slots or None, fresh_momentum=fresh,
+                                                  grad_scale=grad_scale, found_inf=found_inf,
+                                                  global_sum_squares=global_sum_squares)
         except BaseException:
             self._forget(created + aux_created)
             raise
-        if created and not result.updated:
+        if created and not updated:
             self._forget(created)
-        if aux_created and result.skipped:
+        if aux_created and skipped:
             self._forget(aux_created)
+
+    def _contiguous_or_raise(self, refusal: Exception, plan: _Plan, grads: list, slots: dict) -> tuple:
+        """After a refused step: a sparse gradient is a TypeError naming its parameter; strided
+        gradients are replaced by contiguous copies, strided buffers by contiguous ones (written
+        back into ``state``); with nothing to fix, the engine's refusal is raised as it was."""
+        for i, g in enumerate(grads):
+            if g is not None and g.layout != torch.strided:
+                raise TypeError(f"params[{i}].grad is {g.layout}: fastsgd.torch.SGD supports dense (strided) "
+                                "gradients only") from None
+        changed = False
+        out = []
+        for g in grads:
+            if g is not None and not g.is_contiguous():
+                g, changed = g.contiguous(), True
+            out.append(g)
+        key_of = {_core.SlotKind.momentum: self._momentum_key, _core.SlotKind.average: _EMA_KEY,
+                  _core.SlotKind.accumulator: _ACC_KEY}
+        for kind, bufs in slots.items():
+            for i, b in enumerate(bufs):
+                if b is not None and not b.is_contiguous():
+                    if plan.dtensor:
+                        raise refusal
+                    b = bufs[i] = b.contiguous()
+                    self._slot_dict(plan, i)[key_of[kind]] = b
+                    changed = True
+        if not changed:
+            if isinstance(refusal, RuntimeError):  # a framework error surfaced through DLPack
+                raise TypeError(f"fastsgd.torch.SGD cannot use these tensors: {str(refusal).splitlines()[0]}") \
+                    from refusal
+            raise refusal
+        return out, slots
 
     def _slot_dict(self, plan: _Plan, i: int) -> dict:
         d = plan.dicts[i]
