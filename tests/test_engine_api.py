@@ -312,3 +312,62 @@ def test_iterations_at_the_int64_limit_are_refused_not_wrapped():
         engine.step([np.ones(2, np.float32)])
     assert engine.raw_iterations == 2**63 - 1
     np.testing.assert_array_equal(w, np.ones(2, np.float32))
+
+
+# ---- the façade --------------------------------------------------------------------------------
+
+def test_facade_skip_nonfinite_counts_and_changes_nothing():
+    import fastsgd
+
+    opt = fastsgd.SGD(learning_rate=0.1, momentum=0.9, skip_nonfinite=True)
+    w = np.ones(4, np.float32)
+    opt.apply([np.ones(4, np.float32)], [w])
+    before = (w.copy(), opt.state_dict())
+    opt.apply([np.array([1, np.nan, 1, 1], np.float32)], [w])
+    assert opt.skipped_steps == 1 and opt.iterations == 1
+    assert w.tobytes() == before[0].tobytes()
+    np.testing.assert_array_equal(opt.state_dict()["slots"]["momentum"][0], before[1]["slots"]["momentum"][0])
+    assert fastsgd.SGD.from_config(opt.get_config()).skip_nonfinite
+
+
+def test_facade_two_phase_clip_matches_local_clip():
+    import fastsgd
+
+    rng = np.random.default_rng(5)
+    grads = [rng.standard_normal(n).astype(np.float32) for n in (100, 5000)]
+    local, two = fastsgd.SGD(0.1, global_clipnorm=0.5), fastsgd.SGD(0.1, global_clipnorm=0.5)
+    wl, wt = [np.zeros(100, np.float32), np.zeros(5000, np.float32)], [np.zeros(100, np.float32),
+                                                                         np.zeros(5000, np.float32)]
+    local.apply(grads, wl)
+    stats = two.grad_stats(grads, wt)
+    two.apply(grads, wt, global_sum_squares=stats.total)
+    for a, b in zip(wl, wt):
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_velocity_conversion_continues_the_same_path_at_a_constant_rate(nesterov):
+    import fastsgd
+
+    rng = np.random.default_rng(9)
+    grads = [rng.standard_normal(50) for _ in range(6)]
+    lr, m = 0.0625, 0.9  # exact in float32, the precision Keras keeps a float rate in
+    w_keras = np.zeros(50)
+    keras_opt = fastsgd.SGD(lr, momentum=m, nesterov=nesterov)
+    for g in grads[:3]:
+        keras_opt.apply([g], [w_keras])
+    w_torch = w_keras.copy()
+    velocity = keras_opt.state_dict()["slots"]["momentum"][0]
+    for g in grads[3:]:
+        keras_opt.apply([g], [w_keras])
+    o = torch_options(learning_rate=lr, momentum=m, nesterov=nesterov)
+    engine = _core.Engine(o)
+    engine.build([w_torch])
+    buffer = fastsgd.keras_velocity_to_torch(velocity, lr)
+    for g in grads[3:]:
+        engine.step([g], slots={SlotKind.momentum: [buffer]}, fresh_momentum=[False])
+    np.testing.assert_allclose(w_torch, w_keras, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(fastsgd.torch_buffer_to_keras(buffer, lr),
+                               keras_opt.state_dict()["slots"]["momentum"][0], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="learning_rate"):
+        fastsgd.keras_velocity_to_torch(velocity, 0.0)
