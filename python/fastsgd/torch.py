@@ -51,42 +51,87 @@ def _dtensor_type():
     return DTensor
 
 
+class _Counter:
+    """A shared mutation counter (a plain int would be copied, not shared)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+def _bumping(base: type, name: str) -> Callable:
+    method = getattr(base, name)
+
+    @functools.wraps(method)
+    def wrapper(self, *args: Any, **kwargs: Any) -> Any:
+        self._counter.n += 1
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+class _SlotDict(dict):
+    """One parameter's state dict: any change (a buffer added, replaced, removed) bumps the
+    optimizer's counter, so ``step`` may reuse its lists of buffers until something changes."""
+
+    __slots__ = ("_counter",)
+
+    def __init__(self, counter: _Counter, *args: Any) -> None:
+        super().__init__(*args)
+        self._counter = counter
+
+    for _name in ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault"):
+        locals()[_name] = _bumping(dict, _name)
+    del _name
+
+    def __reduce__(self):  # pickles (and deep-copies) as a plain dict
+        return (dict, (dict(self),))
+
+
 class _State(defaultdict):
-    """``Optimizer.state`` that counts structural changes (a parameter's dict added, replaced or
-    removed), so ``step`` can cache the per-parameter dicts instead of hashing 161 tensors a step.
-    The dicts' contents (the buffers themselves) are read afresh every step."""
+    """``Optimizer.state`` that counts every structural change, its per-parameter dicts' included:
+    parameters' dicts are stored as ``_SlotDict``s sharing the counter (a plain dict assigned
+    from outside, as ``ZeroRedundancyOptimizer`` does, is wrapped on the way in)."""
 
     def __init__(self, *args: Any) -> None:
-        super().__init__(dict, *args)
-        self.version = 0
+        self._counter = _Counter()
+        super().__init__(self._new_dict)
+        if args:
+            self.update(*args)
+
+    def _new_dict(self) -> _SlotDict:
+        return _SlotDict(self._counter)
+
+    @property
+    def version(self) -> int:
+        return self._counter.n
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self.version += 1
+        self._counter.n += 1
+        if type(value) is dict:
+            value = _SlotDict(self._counter, value)
         super().__setitem__(key, value)
 
-    def __delitem__(self, key: Any) -> None:
-        self.version += 1
-        super().__delitem__(key)
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for k, v in dict(*args, **kwargs).items():
+            self[k] = v
 
-    def _bump(name: str):  # noqa: N805 - a decorator factory used in the class body only
-        base = getattr(defaultdict, name)
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = {} if default is None else default
+        return self[key]
 
-        @functools.wraps(base)
-        def method(self, *args: Any, **kwargs: Any) -> Any:
-            self.version += 1
-            return base(self, *args, **kwargs)
+    for _name in ("__delitem__", "pop", "popitem", "clear"):
+        locals()[_name] = _bumping(defaultdict, _name)
+    del _name
 
-        return method
+    def __reduce__(self):  # pickles (and deep-copies) as torch's own defaultdict(dict)
+        return (_plain_state, (dict(self),))
 
-    pop = _bump("pop")
-    popitem = _bump("popitem")
-    clear = _bump("clear")
-    update = _bump("update")
-    setdefault = _bump("setdefault")
-    del _bump
 
-    def __reduce__(self):
-        return (_State, (), None, None, iter(self.items()))
+def _plain_state(items: dict) -> defaultdict:
+    return defaultdict(dict, {k: dict(v) if isinstance(v, dict) else v for k, v in items.items()})
 
 
 def _float_arg(name: str, value: Any, allow_none: bool = True) -> Optional[float]:
@@ -118,8 +163,8 @@ class _Plan:
     """What ``step`` reuses while the parameter groups keep their structure: the flat parameter
     list, the tensors the engine sees (DTensor local shards), group membership and the engine."""
 
-    __slots__ = ("groups", "group_params", "group_lens", "params", "locals", "group_of", "spans", "dtensor",
-                 "sharded", "engine", "keys", "state_version", "dicts", "decays")
+    __slots__ = ("groups", "group_params", "group_lens", "params", "locals", "group_of", "dtensor", "sharded",
+                 "engine", "keys", "state_version", "dicts", "slots", "momentum_none", "aux_missing")
 
 
 def _local(t: Any, dtensor_type: Any) -> Any:
@@ -315,6 +360,7 @@ class SGD(Optimizer):
         """torch's format: ``{"state": {i: {"momentum_buffer": tensor}}, "param_groups": [...]}``.
         With EMA or gradient accumulation the engine's counters ride along under ``"fastsgd"``."""
         out = super().state_dict()
+        out["state"] = {k: dict(v) if type(v) is _SlotDict else v for k, v in out["state"].items()}
         o = self._options
         if o.use_ema or self._accumulating:
             raw, skipped = self._live_counters()
@@ -370,21 +416,19 @@ class SGD(Optimizer):
         engine.raw_iterations, engine.skipped_steps = self._counters
         plan.engine = engine
         plan.state_version = -1
-        plan.dicts = []
         self._plan = plan
         return plan
 
     def _current_plan(self) -> _Plan:
         plan = self._plan
         groups = self.param_groups
-        if (plan is None or groups is not plan.groups or len(groups) != len(plan.group_params)
-                or any(g["params"] is not ps or len(ps) != n
-                       for g, ps, n in zip(groups, plan.group_params, plan.group_lens))):
+        if plan is None or groups is not plan.groups or len(groups) != len(plan.group_params):
             plan = self._build_plan()
-        st = self._state
-        if plan.state_version != st.version:
-            plan.dicts = list(map(st.get, plan.params, repeat(_NO_STATE)))
-            plan.state_version = st.version
+        else:
+            for g, ps, n in zip(groups, plan.group_params, plan.group_lens):
+                if g["params"] is not ps or len(ps) != n:
+                    plan = self._build_plan()
+                    break
         # Schedulers rewrite lr / momentum in the group dicts: push what changed.
         keys = plan.keys
         for i, group in enumerate(groups):
@@ -394,16 +438,41 @@ class SGD(Optimizer):
                 keys[i] = key
         return plan
 
-    def _missing_slots(self, plan: _Plan, grads: list, bufs: list, update_due: bool) -> tuple:
-        """Creates the buffers this step needs (momentum for parameters with a gradient in a
-        group with momentum != 0, EMA and accumulators for all). Returns (fresh flags, created)."""
-        created = []
+    def _refresh_slots(self, plan: _Plan) -> None:
+        """Re-reads every buffer from ``state`` (after anything in it changed): the lists the
+        engine gets, the parameters still without momentum buffer, whether EMA/accumulators
+        are missing."""
+        st = self._state
+        plan.dicts = list(map(st.get, plan.params, repeat(_NO_STATE)))
+        slots = {}
+        bufs = list(map(dict.get, plan.dicts, repeat(self._momentum_key)))
+        plan.momentum_none = [i for i, b in enumerate(bufs) if b is None]
+        slots[_core.SlotKind.momentum] = bufs
+        plan.aux_missing = False
+        o = self._options
+        for kind, key, on in ((_core.SlotKind.average, _EMA_KEY, o.use_ema),
+                              (_core.SlotKind.accumulator, _ACC_KEY, self._accumulating)):
+            if on:
+                slots[kind] = list(map(dict.get, plan.dicts, repeat(key)))
+                plan.aux_missing = plan.aux_missing or None in slots[kind]
+        if plan.dtensor:
+            slots = {k: [None if t is None else _local(t, _dtensor_type()) for t in v] for k, v in slots.items()}
+        plan.slots = slots
+        plan.state_version = st.version
+
+    def _missing_slots(self, plan: _Plan, grads: list, update_due: bool) -> tuple:
+        """Creates what this step needs: momentum buffers for parameters with a gradient in a
+        group with momentum != 0 (torch: uninitialised, the engine writes ``b = g``; Keras:
+        zeros), EMA averages (a copy of the parameter) and accumulators (zeros) for all.
+        Returns (fresh flags or None, momentum created, aux created)."""
+        created, aux_created = [], []
         fresh = None
         key = self._momentum_key
         groups = plan.groups
+        bufs = plan.slots[_core.SlotKind.momentum]
         if update_due:
-            for i, b in enumerate(bufs):
-                if b is None and grads[i] is not None and groups[plan.group_of[i]]["momentum"] != 0:
+            for i in plan.momentum_none:
+                if bufs[i] is None and grads[i] is not None and groups[plan.group_of[i]]["momentum"] != 0:
                     p = plan.params[i]
                     if self._convention == "torch":
                         b = torch.empty_like(p, memory_format=torch.contiguous_format)
@@ -413,91 +482,85 @@ class SGD(Optimizer):
                     else:
                         b = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     self._slot_dict(plan, i)[key] = b
-                    bufs[i] = b
+                    bufs[i] = _local(b, _dtensor_type()) if plan.dtensor else b
                     created.append((p, key))
-        return fresh, created
-
-    def _aux_slots(self, plan: _Plan, key: str, init: Callable, created: list) -> list:
-        dicts = plan.dicts
-        out = list(map(dict.get, dicts, repeat(key)))
-        for i, b in enumerate(out):
-            if b is None:
-                p = plan.params[i]
-                with torch.no_grad():
-                    b = init(p)
-                self._slot_dict(plan, i)[key] = b
-                out[i] = b
-                created.append((p, key))
-        return out
+        if plan.aux_missing:
+            with torch.no_grad():
+                for kind, key, init in (
+                        (_core.SlotKind.average, _EMA_KEY,
+                         lambda p: p.detach().clone(memory_format=torch.contiguous_format)),
+                        (_core.SlotKind.accumulator, _ACC_KEY,
+                         lambda p: torch.zeros_like(p, memory_format=torch.contiguous_format))):
+                    out = plan.slots.get(kind)
+                    for i in range(len(out) if out is not None else 0):
+                        if out[i] is None:
+                            p = plan.params[i]
+                            t = init(p)
+                            self._slot_dict(plan, i)[key] = t
+                            out[i] = _local(t, _dtensor_type()) if plan.dtensor else t
+                            aux_created.append((p, key))
+        return fresh, created, aux_created
 
     def _step_impl(self) -> None:
         plan = self._current_plan()
         if not plan.params:
             return
         engine = plan.engine
-        o = self._options
+        if plan.state_version != self._state.version:
+            self._refresh_slots(plan)
         grads = list(map(_grad_of, plan.params))
         # GradScaler's fused protocol: grad_scale (the scale, or None once unscaled) and found_inf
-        # are 0-d tensors set as attributes around this call.
+        # are 0-d tensors set as instance attributes around this call.
+        attrs = self.__dict__
         grad_scale = 1.0
         found_inf = None
-        scale = getattr(self, "grad_scale", None)
+        scale = attrs.get("grad_scale")
         if scale is not None:
             grad_scale = float(scale.double().reciprocal().float())
-        inf = getattr(self, "found_inf", None)
+        inf = attrs.get("found_inf")
         if inf is not None:
             found_inf = bool(inf)
-        slots = {}
-        created: list = []      # momentum buffers made for this step: dropped unless it updates
-        aux_created: list = []  # EMA / accumulators made now: dropped if the step is skipped
-        # The engine wants every slot of a would-be update even when found_inf skips it; what is
-        # made for a skipped step is dropped again below.
-        update_due = not self._accumulating or engine.update_is_due
-        key = self._momentum_key
-        bufs = list(map(dict.get, plan.dicts, repeat(key)))
         fresh = None
-        if any(map(is_, bufs, repeat(None))):
-            fresh, created = self._missing_slots(plan, grads, bufs, update_due)
+        created = aux_created = ()
+        if plan.momentum_none or plan.aux_missing:
+            # The engine wants every slot of a would-be update even when found_inf skips it;
+            # what is made for a skipped step is dropped again below.
+            fresh, created, aux_created = self._missing_slots(
+                plan, grads, not self._accumulating or engine.update_is_due)
+        slots = plan.slots
         if plan.dtensor:
             grads = [None if g is None else _local(g, _dtensor_type()) for g in grads]
-            bufs = [None if b is None else _local(b, _dtensor_type()) for b in bufs]
-        if any(map(is_not, bufs, repeat(None))):
-            slots[_core.SlotKind.momentum] = bufs
-        if o.use_ema:
-            ema = self._aux_slots(plan, _EMA_KEY, lambda p: p.detach().clone(memory_format=torch.contiguous_format),
-                                  aux_created)
-            slots[_core.SlotKind.average] = [_local(t, _dtensor_type()) for t in ema] if plan.dtensor else ema
-        if self._accumulating:
-            acc = self._aux_slots(plan, _ACC_KEY, lambda p: torch.zeros_like(p, memory_format=torch.contiguous_format),
-                                  aux_created)
-            slots[_core.SlotKind.accumulator] = [_local(t, _dtensor_type()) for t in acc] if plan.dtensor else acc
+        o = self._options
         global_sum_squares = None
         if plan.dtensor and (o.global_clipnorm is not None or o.skip_nonfinite) and found_inf is not True:
-            global_sum_squares, nonfinite = self._global_stats(plan, grads, slots or None, grad_scale)
+            global_sum_squares, nonfinite = self._global_stats(plan, grads, slots, grad_scale)
             if nonfinite and o.skip_nonfinite:
                 found_inf = True
         variables = [_local(p, _dtensor_type()) for p in plan.params] if plan.dtensor else None
         try:
             try:
-                updated, skipped, _ = engine.step(grads, variables, slots=slots or None, fresh_momentum=fresh,
-                                                  grad_scale=grad_scale, found_inf=found_inf,
-                                                  global_sum_squares=global_sum_squares)
+                if fresh is None and found_inf is None and global_sum_squares is None and grad_scale == 1.0:
+                    updated, skipped, _ = engine.step(grads, variables, slots=slots)  # fewer keywords to parse
+                else:
+                    updated, skipped, _ = engine.step(grads, variables, slots=slots, fresh_momentum=fresh,
+                                                      grad_scale=grad_scale, found_inf=found_inf,
+                                                      global_sum_squares=global_sum_squares)
             except (TypeError, ValueError, RuntimeError) as refusal:
                 # Slow path, only after the engine refused (and so changed nothing): torch accepts
                 # strided gradients and buffers, so retry once with contiguous copies.
-                grads, slots = self._contiguous_or_raise(refusal, plan, grads, slots)
-                updated, skipped, _ = engine.step(grads, variables, slots=slots or None, fresh_momentum=fresh,
+                grads = self._contiguous_or_raise(refusal, plan, grads)
+                updated, skipped, _ = engine.step(grads, variables, slots=plan.slots, fresh_momentum=fresh,
                                                   grad_scale=grad_scale, found_inf=found_inf,
                                                   global_sum_squares=global_sum_squares)
         except BaseException:
-            self._forget(created + aux_created)
+            self._forget(list(created) + list(aux_created))
             raise
         if created and not updated:
             self._forget(created)
         if aux_created and skipped:
             self._forget(aux_created)
 
-    def _contiguous_or_raise(self, refusal: Exception, plan: _Plan, grads: list, slots: dict) -> tuple:
+    def _contiguous_or_raise(self, refusal: Exception, plan: _Plan, grads: list) -> list:
         """After a refused step: a sparse gradient is a TypeError naming its parameter; strided
         gradients are replaced by contiguous copies, strided buffers by contiguous ones (written
         back into ``state``); with nothing to fix, the engine's refusal is raised as it was."""
@@ -513,7 +576,7 @@ class SGD(Optimizer):
             out.append(g)
         key_of = {_core.SlotKind.momentum: self._momentum_key, _core.SlotKind.average: _EMA_KEY,
                   _core.SlotKind.accumulator: _ACC_KEY}
-        for kind, bufs in slots.items():
+        for kind, bufs in plan.slots.items():
             for i, b in enumerate(bufs):
                 if b is not None and not b.is_contiguous():
                     if plan.dtensor:
@@ -526,7 +589,7 @@ class SGD(Optimizer):
                 raise TypeError(f"fastsgd.torch.SGD cannot use these tensors: {str(refusal).splitlines()[0]}") \
                     from refusal
             raise refusal
-        return out, slots
+        return out
 
     def _slot_dict(self, plan: _Plan, i: int) -> dict:
         d = plan.dicts[i]
