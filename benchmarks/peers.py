@@ -152,6 +152,33 @@ class FastSGDTorch(FastSGD):
         return data.tw, data.tg
 
 
+class FastSGDTorchOptimizer(Peer):
+    """fastsgd.torch.SGD: the drop-in torch.optim.Optimizer, timed as ``opt.step()`` on
+    nn.Parameters whose ``.grad`` is set (what a training loop calls)."""
+
+    name = "fastsgd.torch.SGD"
+
+    @staticmethod
+    def available() -> Optional[str]:
+        return FastSGD.available() or TorchSGD.available()
+
+    def __init__(self, data: Data, config: dict) -> None:
+        super().__init__(data, config)
+        import fastsgd.torch
+
+        extras = {}
+        if config.get("use_ema"):
+            extras = dict(use_ema=True, ema_momentum=float(config.get("ema_momentum", EMA_MOMENTUM)))
+        if config.get("global_clipnorm"):
+            extras["global_clipnorm"] = float(config["global_clipnorm"])
+        self.opt = fastsgd.torch.SGD(data.tw, lr=LR, momentum=float(config.get("momentum", 0.0)),
+                                     nesterov=bool(config.get("nesterov")),
+                                     weight_decay=float(config.get("weight_decay") or 0.0), **extras)
+
+    def step(self) -> None:
+        self.opt.step()
+
+
 # ---- the C roofline ---------------------------------------------------------------------------
 
 _C_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "roofline.c")
@@ -469,5 +496,5 @@ class Optax(Peer):
 
 
 #: Every peer, in report order.
-PEERS: list = [CLoop, FastSGD, FastSGDTorch, TorchForLoop, TorchForeach, TorchFused, KerasSGD, NaiveNumPy, Optax]
+PEERS: list = [CLoop, FastSGD, FastSGDTorch, FastSGDTorchOptimizer, TorchForLoop, TorchForeach, TorchFused, KerasSGD, NaiveNumPy, Optax]
 PEER_BY_NAME: dict = {p.name: p for p in PEERS}

@@ -594,3 +594,25 @@ def test_strided_gradients_and_buffers_work_like_torch():
     ref.step()
     assert_same(ours, ref, "strided buffer")
     assert ours.state[params[0]]["momentum_buffer"].is_contiguous()
+
+
+def test_readme_training_loop_runs_and_equals_torch(tmp_path, monkeypatch):
+    import functools
+    import os
+    import re
+    import types
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    code = re.search(r"## PyTorch: `fastsgd.torch.SGD`.*?```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    finals = []
+    for sgd in (ftorch.SGD, functools.partial(torch.optim.SGD, foreach=False)):
+        torch.manual_seed(0)
+        ns = {"fastsgd": types.SimpleNamespace(torch=types.SimpleNamespace(SGD=sgd))}
+        exec(code.replace("import fastsgd.torch\n", ""), ns)
+        finals.append(([p.detach() for p in ns["model"].parameters()], ns["loss"].item()))
+    (ours, loss), (ref, _) = finals
+    assert loss < 0.3
+    assert all(torch.equal(p, q) for p, q in zip(ours, ref))
+    sd = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert sd["state"][0]["momentum_buffer"].shape == (64, 20)
