@@ -616,3 +616,62 @@ def test_readme_training_loop_runs_and_equals_torch(tmp_path, monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(ours, ref))
     sd = torch.load(tmp_path / "opt.pt", weights_only=True)
     assert sd["state"][0]["momentum_buffer"].shape == (64, 20)
+
+
+def test_deepcopy_and_pickle_keep_config_and_state():
+    import copy
+    import pickle
+
+    params = make_params()
+    opt = ftorch.SGD(params, lr=0.1, momentum=0.9, use_ema=True, clipvalue=0.5)
+    for step in range(2):
+        set_grads(params, grads_for(step, params))
+        opt.step()
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert twin._config() == opt._config()
+        assert len(twin.state) == len(opt.state)
+        tp = [p for g in twin.param_groups for p in g["params"]]
+        for p, q in zip(params, tp):
+            assert torch.equal(opt.state[p]["momentum_buffer"], twin.state[q]["momentum_buffer"])
+            assert twin.state[q]["momentum_buffer"].data_ptr() != opt.state[p]["momentum_buffer"].data_ptr()
+        set_grads(tp, grads_for(2, params))
+        twin.step()
+        assert twin.iterations == 3
+
+
+def test_ema_overwrite_frequency_copies_average_into_params():
+    params = make_params(torch.float64)
+    opt = ftorch.SGD(params, lr=0.1, use_ema=True, ema_momentum=0.5, ema_overwrite_frequency=2)
+    for step in range(2):
+        set_grads(params, grads_for(step, params))
+        opt.step()
+    for p in params:
+        assert torch.equal(p.detach(), opt.state[p]["ema"])
+    set_grads(params, grads_for(2, params))
+    opt.step()
+    assert any(not torch.equal(p.detach(), opt.state[p]["ema"]) for p in params)
+
+
+def test_global_hooks_and_counters_survive_load_state_dict():
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    seen = []
+    handle = register_optimizer_step_post_hook(lambda o, a, k: seen.append(type(o).__name__))
+    try:
+        params = make_params()
+        opt = ftorch.SGD(params, lr=0.1, momentum=0.9, use_ema=True)
+        for step in range(3):
+            set_grads(params, grads_for(step, params))
+            opt.step()
+    finally:
+        handle.remove()
+    assert seen == ["SGD"] * 3
+    sd = _roundtrip(opt.state_dict())
+    assert sd["fastsgd"] == {"raw_iterations": 3, "skipped_steps": 0}
+    opt.load_state_dict(sd)
+    assert opt.iterations == 3
+    fresh = ftorch.SGD(clone_params(params), lr=0.1, momentum=0.9, use_ema=True)
+    fresh.load_state_dict(sd)
+    assert fresh.iterations == 3
+    torch_sgd = torch.optim.SGD(clone_params(params), lr=0.1, momentum=0.9)
+    torch_sgd.load_state_dict(sd)  # the extra entry is ignored by torch

@@ -164,7 +164,7 @@ class _Plan:
     list, the tensors the engine sees (DTensor local shards), group membership and the engine."""
 
     __slots__ = ("groups", "group_params", "group_lens", "params", "locals", "group_of", "dtensor", "sharded",
-                 "engine", "keys", "state_version", "dicts", "slots", "momentum_none", "aux_missing")
+                 "engine", "keys", "state_version", "dicts", "slots", "momentum_none", "aux_missing", "dt")
 
 
 def _local(t: Any, dtensor_type: Any) -> Any:
@@ -327,6 +327,8 @@ class SGD(Optimizer):
             group.setdefault("fused", None)
         if config is not None:
             self._restore_config(config)
+        elif getattr(self, "_plan", None) is not None:  # load_state_dict: keep the engine's counters
+            self._counters = self._live_counters()
         self._plan = None
 
     def _config(self) -> dict:
@@ -334,7 +336,7 @@ class SGD(Optimizer):
         return {"convention": self._convention, "clipnorm": o.clipnorm, "clipvalue": o.clipvalue,
                 "global_clipnorm": o.global_clipnorm, "use_ema": o.use_ema, "ema_momentum": o.ema_momentum,
                 "ema_overwrite_frequency": o.ema_overwrite_frequency, "skip_nonfinite": o.skip_nonfinite,
-                "gradient_accumulation_steps": o.gradient_accumulation_steps, "counters": self._counters}
+                "gradient_accumulation_steps": o.gradient_accumulation_steps, "counters": self._live_counters()}
 
     def _restore_config(self, c: dict) -> None:
         o = _core.Options()
@@ -390,6 +392,7 @@ class SGD(Optimizer):
     def _build_plan(self) -> _Plan:
         dtensor_type = _dtensor_type()
         plan = _Plan()
+        plan.dt = dtensor_type
         plan.groups = self.param_groups
         plan.group_params = [g["params"] for g in plan.groups]
         plan.group_lens = [len(ps) for ps in plan.group_params]
@@ -456,7 +459,7 @@ class SGD(Optimizer):
                 slots[kind] = list(map(dict.get, plan.dicts, repeat(key)))
                 plan.aux_missing = plan.aux_missing or None in slots[kind]
         if plan.dtensor:
-            slots = {k: [None if t is None else _local(t, _dtensor_type()) for t in v] for k, v in slots.items()}
+            slots = {k: [None if t is None else _local(t, plan.dt) for t in v] for k, v in slots.items()}
         plan.slots = slots
         plan.state_version = st.version
 
@@ -482,7 +485,7 @@ class SGD(Optimizer):
                     else:
                         b = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     self._slot_dict(plan, i)[key] = b
-                    bufs[i] = _local(b, _dtensor_type()) if plan.dtensor else b
+                    bufs[i] = _local(b, plan.dt) if plan.dtensor else b
                     created.append((p, key))
         if plan.aux_missing:
             with torch.no_grad():
@@ -497,7 +500,7 @@ class SGD(Optimizer):
                             p = plan.params[i]
                             t = init(p)
                             self._slot_dict(plan, i)[key] = t
-                            out[i] = _local(t, _dtensor_type()) if plan.dtensor else t
+                            out[i] = _local(t, plan.dt) if plan.dtensor else t
                             aux_created.append((p, key))
         return fresh, created, aux_created
 
@@ -529,14 +532,14 @@ class SGD(Optimizer):
                 plan, grads, not self._accumulating or engine.update_is_due)
         slots = plan.slots
         if plan.dtensor:
-            grads = [None if g is None else _local(g, _dtensor_type()) for g in grads]
+            grads = [None if g is None else _local(g, plan.dt) for g in grads]
         o = self._options
         global_sum_squares = None
         if plan.dtensor and (o.global_clipnorm is not None or o.skip_nonfinite) and found_inf is not True:
             global_sum_squares, nonfinite = self._global_stats(plan, grads, slots, grad_scale)
             if nonfinite and o.skip_nonfinite:
                 found_inf = True
-        variables = [_local(p, _dtensor_type()) for p in plan.params] if plan.dtensor else None
+        variables = [_local(p, plan.dt) for p in plan.params] if plan.dtensor else None
         try:
             try:
                 if fresh is None and found_inf is None and global_sum_squares is None and grad_scale == 1.0:
