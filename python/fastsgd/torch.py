@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections import defaultdict
 from itertools import chain, repeat
 from operator import attrgetter, is_, is_not
@@ -44,11 +45,10 @@ _NO_STATE: dict = {}        # stands for a parameter without state (never writte
 
 
 def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # torch built without distributed
-        return None
-    return DTensor
+    """DTensor's class if torch.distributed.tensor is loaded (a DTensor parameter implies it is);
+    importing it here would cost seconds on the first step of every single-process run."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 class _Counter:
