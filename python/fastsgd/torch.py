@@ -173,6 +173,15 @@ def _local(t: Any, dtensor_type: Any) -> Any:
     return t
 
 
+def _sharded(p: Any) -> bool:
+    """Whether a DTensor's local tensor is a shard (summed over ranks for global norms) or a
+    replica (counted once). Meshes of more than one dimension (HSDP, TP) are not handled."""
+    if p.device_mesh.ndim != 1:
+        raise ValueError("fastsgd.torch.SGD supports DTensor parameters on 1-D device meshes (FSDP2's "
+                         f"fully_shard), got a {p.device_mesh.ndim}-D mesh")
+    return p.placements[0].is_shard()
+
+
 class _SwapBack:
     """Returned by ``SGD.swap_ema()``: used as a context manager, swaps back on exit."""
 
@@ -213,7 +222,9 @@ class SGD(Optimizer):
         clipnorm: clip each gradient to this L2 norm. clipvalue: clip each element into
             ``[-clipvalue, clipvalue]``. global_clipnorm: scale all gradients by
             ``min(1, c / ||g||)`` with ``||g||`` over every parameter (over every rank for
-            FSDP2 DTensor parameters, one all-reduce).
+            FSDP2 DTensor parameters, one all-reduce). Under ``ZeroRedundancyOptimizer`` each
+            rank's optimizer holds only its partition, so its norm would be partial: clip the
+            gradients before ``step()`` there instead.
         use_ema, ema_momentum, ema_overwrite_frequency: keep ``a = k*a + (1-k)*p`` (``a = p``
             on the first step) in ``state[p]["ema"]``; see ``swap_ema()`` and ``finalize()``.
         skip_nonfinite: a step whose gradients hold Inf/NaN changes nothing (GradScaler's
@@ -398,7 +409,7 @@ class SGD(Optimizer):
         plan.group_lens = [len(ps) for ps in plan.group_params]
         plan.params = list(chain.from_iterable(plan.group_params))
         plan.dtensor = dtensor_type is not None and any(isinstance(p, dtensor_type) for p in plan.params)
-        plan.sharded = [dtensor_type is not None and isinstance(p, dtensor_type) for p in plan.params]
+        plan.sharded = [dtensor_type is not None and isinstance(p, dtensor_type) and _sharded(p) for p in plan.params]
         if plan.dtensor and self._options.clipnorm is not None:
             raise ValueError("`clipnorm` (per-tensor norms) is not supported with sharded DTensor parameters; "
                              "use `global_clipnorm`")
