@@ -113,7 +113,8 @@ def write_markdown(path: str, doc: dict) -> None:
              f"load average before {doc['load_before']}, after {doc['load_after']}.", "",
              f"Config: momentum {P.MOMENTUM}, lr {P.LR}, float32. Rounds: {doc['rounds']}. "
              "Median seconds per `step()`; threads in parentheses.", "",
-             "| workload | fastsgd.torch.SGD | torch fused | torch foreach | torch for-loop | ÷ fused (best threads) | goal |",
+             "| workload | fastsgd.torch.SGD | torch fused | torch foreach | torch for-loop "
+             "| ÷ fused (best threads) | goal |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for wl in doc["workloads"]:
         cells = []
@@ -129,13 +130,15 @@ def write_markdown(path: str, doc: dict) -> None:
                      (f"≥ {goal}× {'met' if s >= goal else 'NOT met'}" if goal else "—") + " |")
     f = doc["fixed_cost"]
     lines += ["", "## Fixed cost per step (161 one-element tensors, 1 thread, medians)", "",
-              "| step() | engine call | adapter (step − engine) | of which reading .grad | adapter without .grad | torch fused step() |",
+              "| step() | engine call | adapter (step − engine) | of which reading .grad | adapter without .grad "
+              "| torch fused step() |",
               "| --- | --- | --- | --- | --- | --- |",
               f"| {f['step']:.1f} µs | {f['engine']:.1f} µs | {f['adapter']:.1f} µs "
               f"(IQR {f['adapter_iqr'][0]:.1f}–{f['adapter_iqr'][1]:.1f}) | {f['grad']:.1f} µs | "
               f"{f['adapter_minus_grad']:.1f} µs | {f['fused']:.1f} µs |", "",
               f"Goal: adapter ≤ {OVERHEAD_GOAL_US} µs per step for 161 tensors.", "",
-              "## All rows", "", "| workload | peer | threads | median | p25–p75 |", "| --- | --- | --- | --- | --- |"]
+              "## All rows", "", "| workload | peer | threads | median | p25–p75 |",
+              "| --- | --- | --- | --- | --- |"]
     for r in doc["records"]:
         lines.append(f"| {r['workload']} | {r['peer']} | {r['threads']} | {B.fmt_time(r['median_s'])} | "
                      f"{B.fmt_time(r['p25_s'])}–{B.fmt_time(r['p75_s'])} |")

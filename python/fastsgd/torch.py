@@ -21,13 +21,12 @@ torch).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
 from collections import defaultdict
 from itertools import chain, repeat
-from operator import attrgetter, is_, is_not
-from typing import Any, Callable, Iterable, Optional
+from operator import attrgetter
+from typing import Any, Callable, Optional
 
 import torch
 from torch.optim.optimizer import Optimizer, _global_optimizer_post_hooks, _global_optimizer_pre_hooks
