@@ -232,6 +232,7 @@ def test_save_load_resume_equals_uninterrupted(tmp_path):
     kwargs = lambda: dict(learning_rate=SCHEDULES.ExponentialDecay(0.1, decay_steps=3, decay_rate=0.8),  # noqa
                           momentum=0.9, nesterov=True, weight_decay=0.02, gradient_accumulation_steps=4)
     straight = train(fastsgd.keras.SGD, kwargs, epochs=4)
+    assert_runs_match(straight, train(keras.optimizers.SGD, kwargs, epochs=4), "uninterrupted")
 
     first = train(fastsgd.keras.SGD, kwargs, epochs=2)
     path = str(tmp_path / "model.keras")
@@ -246,6 +247,7 @@ def test_save_load_resume_equals_uninterrupted(tmp_path):
     model.fit(X, Y, batch_size=BATCH, epochs=4, initial_epoch=2, shuffle=False, verbose=0, callbacks=[record])
 
     assert len(record.epochs) == 2
+    assert not np.array_equal(record.epochs[-1][0], first[0][-1][0])  # training went on after the load
     for got, want in zip(record.epochs, straight[0][2:]):
         assert len(got) == len(want)
         for i, (a, b) in enumerate(zip(got, want)):

@@ -140,25 +140,21 @@ class SGD(keras.optimizers.SGD):
         (momentum, nesterov, weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
          ema_overwrite_frequency, loss_scale_factor, accumulation, _) = signature
 
-        def positive(x):  # Keras switches a clip off for None, 0 or a negative threshold
-            return float(x) if x is not None and x > 0 else 0.0
-
-        group = _core.Group()
-        group.momentum = float(momentum)
-        group.nesterov = bool(nesterov)
-        group.weight_decay = float(weight_decay or 0.0)
+        # Keras's own values pass through: the engine reads None / 0 / negative clips as off,
+        # None as no loss scale or accumulation, with Keras's rules and wording.
         options = _core.Options()
         options.convention = _core.Convention.keras
-        options.group = group
-        options.clipnorm = positive(clipnorm)
-        options.clipvalue = positive(clipvalue)
-        options.global_clipnorm = positive(global_clipnorm)
+        options.group = _core.Group(momentum=float(momentum), nesterov=bool(nesterov),
+                                    weight_decay=float(weight_decay or 0.0))
+        options.clipnorm = clipnorm
+        options.clipvalue = clipvalue
+        options.global_clipnorm = global_clipnorm
         options.use_ema = bool(use_ema)
         if use_ema:
-            options.ema_momentum = float(ema_momentum)
-            options.ema_overwrite_frequency = int(ema_overwrite_frequency or 0)
-        options.loss_scale_factor = float(loss_scale_factor or 0.0)
-        options.gradient_accumulation_steps = int(accumulation or 0)
+            options.ema_momentum = ema_momentum
+            options.ema_overwrite_frequency = ema_overwrite_frequency
+        options.loss_scale_factor = loss_scale_factor
+        options.gradient_accumulation_steps = accumulation or None
         options.slots_in_variable_dtype = True  # Keras's slots take the variable's dtype
         options.caller_owned_slots = True       # the slots are the Keras variables below
         return options
@@ -268,14 +264,15 @@ class SGD(keras.optimizers.SGD):
 
             stream = torch.cuda.current_stream(native.cuda_device).cuda_stream
         try:
-            result = engine.step(full, None, learning_rate=lr, slots=native.slots, stream=stream)
+            updated, _, missing = engine.step(full, None, learning_rate=lr, slots=native.slots, stream=stream)
         except TypeError:
             # Not torch tensors (NumPy arrays, keras.Variables, lists): convert, then retry.
             converted = [None if g is None else keras.ops.convert_to_tensor(g) for g in full]
-            result = engine.step(converted, None, learning_rate=lr, slots=native.slots, stream=stream)
+            updated, _, missing = engine.step(converted, None, learning_rate=lr, slots=native.slots,
+                                              stream=stream)
         native.raw_iterations = raw + 1
         self._iterations.value.add_(1)
-        if result.missing:
+        if missing:
             built = self._trainable_variables
             names = [v.path for v, g in zip(built, full) if g is None]
             if variables is not None:  # only the variables of this call count, as in Keras
@@ -285,7 +282,7 @@ class SGD(keras.optimizers.SGD):
                 warnings.warn(f"Gradients do not exist for variables {names} when minimizing the loss. "
                               "If using `model.compile()`, did you forget to provide a `loss` argument?",
                               stacklevel=2)
-        if native.constrained and result.updated:
+        if native.constrained and updated:
             passed = None if variables is None else set(map(id, variables))
             for v in native.constrained:
                 if passed is None or id(v) in passed:
