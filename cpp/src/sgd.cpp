@@ -326,6 +326,10 @@ void SGD::set_stream(uintptr_t stream) {
   if (built_) impl_->backend->set_stream(stream);
 }
 
+void SGD::wait_for_stream(uintptr_t producer_stream) {
+  if (built_) impl_->backend->wait_for_stream(producer_stream);
+}
+
 // Every check of a step, in one place, before anything is written.
 void SGD::validate_request(const StepRequest& r, bool touches_all, bool update_call) const {
   if (!r.variables || !r.grads) throw ValueError("a step needs variable and gradient arrays");

@@ -217,6 +217,10 @@ class SGD {
   // CUDA stream (a cudaStream_t as an integer) for later steps; 0 is the default stream.
   // Ignored for CPU variables.
   void set_stream(uintptr_t stream);
+  // The next step's launches also wait for the work queued so far on `producer_stream` (the
+  // stream that produced the gradients, when the step runs on another one). Ignored for CPU
+  // variables.
+  void wait_for_stream(uintptr_t producer_stream);
 
   // Copies every EMA average into its variable (Keras finalize_variable_values).
   void finalize_variable_values(const std::vector<TensorView>& variables);
