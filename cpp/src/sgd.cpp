@@ -326,6 +326,11 @@ void SGD::set_stream(uintptr_t stream) {
   if (built_) impl_->backend->set_stream(stream);
 }
 
+void SGD::apply_streams(const StepRequest& r) {
+  if (r.stream) impl_->backend->set_stream(*r.stream);
+  if (r.wait_for_stream) impl_->backend->wait_for_stream(*r.wait_for_stream);
+}
+
 void SGD::wait_for_stream(uintptr_t producer_stream) {
   if (built_) impl_->backend->wait_for_stream(producer_stream);
 }
@@ -507,6 +512,7 @@ StepResult SGD::step(const StepRequest& r) {
     im.slots[int(SlotKind::momentum)] = std::move(fresh);
   }
   plan_step(r, update_call, touches_all);
+  apply_streams(r);
 
   detail::StepPlan& plan = impl_->plan;
   bool skip = r.found_inf.value_or(false);
@@ -552,6 +558,7 @@ GradStats SGD::grad_stats(const StepRequest& r) {
   const bool update_call = update_is_due();
   validate_request(r, false, update_call);
   plan_step(r, update_call, false);
+  apply_streams(r);
   detail::StepPlan& plan = impl_->plan;
   impl_->backend->measure(plan);
   GradStats stats;

@@ -526,17 +526,26 @@ class Engine {
         var_views_[pos] = vi.view;
       }
     }
-    if (ctx.stream >= 0) {
-      sgd_.set_stream(uintptr_t(ctx.stream));
-    } else if (ctx.cuda_api) {
-      // Launch where the producer (e.g. torch) queues its own work: its current stream.
-      for (size_t pos = 0; pos < n_built; ++pos) {
-        if (var_views_[pos].device.kind != DeviceKind::cuda) continue;
-        void* s = nullptr;
-        if (ctx.cuda_api->current_work_stream(dlpack::kCUDA, var_views_[pos].device.index, &s) != 0)
+    // Which stream the step launches on, applied by the engine only once the step is
+    // validated: the explicit one (ordered after the producer's current stream when the
+    // exchange API names it), else the producer's current stream, else the legacy default
+    // stream on which __dlpack__ was asked to order its work.
+    int cuda_index = -1;
+    for (size_t pos = 0; pos < n_built && cuda_index < 0; ++pos)
+      if (var_views_[pos].device.kind == DeviceKind::cuda) cuda_index = var_views_[pos].device.index;
+    if (cuda_index >= 0) {
+      std::optional<uintptr_t> producer;
+      if (ctx.cuda_api) {
+        void* current = nullptr;
+        if (ctx.cuda_api->current_work_stream(dlpack::kCUDA, cuda_index, &current) != 0)
           throw py::error_already_set();
-        sgd_.set_stream(reinterpret_cast<uintptr_t>(s));
-        break;
+        producer = reinterpret_cast<uintptr_t>(current);
+      }
+      if (ctx.stream >= 0) {
+        r.stream = uintptr_t(ctx.stream);
+        if (producer && *producer != *r.stream) r.wait_for_stream = producer;
+      } else {
+        r.stream = producer.value_or(0);
       }
     }
     r.variables = var_views_.data();
