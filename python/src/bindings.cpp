@@ -231,7 +231,9 @@ bool is_export_failure(const py::error_already_set& e) {
 // A producer's own refusal (torch's RuntimeError for sparse, meta or quantized tensors, a
 // BufferError from __dlpack__, ...) as a TypeError naming the argument; its ValueError stays one.
 [[noreturn]] void refuse_export(const py::error_already_set& e, py::handle obj, const char* what, size_t i) {
-  const std::string msg = where(what, i) + " (a " + type_name(obj) + ") cannot be read in place: " + e.what();
+  std::string reason = e.what();
+  reason = reason.substr(0, reason.find('\n'));  // torch appends a C++ backtrace
+  const std::string msg = where(what, i) + " (a " + type_name(obj) + ") cannot be read in place: " + reason;
   if (e.matches(PyExc_ValueError)) throw ValueError(msg);
   throw TypeError(msg);
 }
