@@ -16,6 +16,8 @@ class Backend {
   virtual void release(void* p) noexcept = 0;
   virtual void copy_to_host(void* host_dst, const void* src, int64_t bytes) = 0;
   virtual void copy_from_host(void* dst, const void* host_src, int64_t bytes) = 0;
+  // Measures the update tasks' gradients (plan.measured), changing nothing.
+  virtual void measure(StepPlan& plan) = 0;
   // Runs every pass of the plan (after the norm pre-pass when the plan asks for one).
   virtual void execute(StepPlan& plan) = 0;
   // Launch stream for device backends (0: the backend's default). Ignored on the CPU.

@@ -15,6 +15,9 @@ namespace detail {
 
 struct PassTask {
   PassKind kind = PassKind::update;
+  Convention rule = Convention::keras;
+  MomentumKind momentum = MomentumKind::none;  // from the tensor's group
+  size_t index = 0;                            // the variable's position in build order
   DType var_dtype = DType::float32;   // variables and gradients
   DType slot_dtype = DType::float32;  // momentum, average, accumulator
   int64_t numel = 0;
@@ -26,9 +29,9 @@ struct PassTask {
   TensorScalars ts;
 };
 
-// Step-wide compile-time features of the passes (one kernel instantiation per combination).
+// Step-wide compile-time features of the passes (one kernel instantiation per combination,
+// together with each task's rule and momentum kind).
 struct PassFeatures {
-  MomentumKind momentum = MomentumKind::none;
   bool merge_window = false;
   bool norm_clip = false;
   bool ema = false;
@@ -39,11 +42,25 @@ struct PassFeatures {
 
 enum class NormClip : int32_t { none = 0, per_tensor = 1, global = 2 };
 
+// Sums of squares of the update tasks' effective gradients, in task order, and whether any
+// element was Inf or NaN. Deterministic: fixed blocks, fixed summation order.
+struct GradMeasure {
+  std::vector<double> task_sums;
+  double total = 0.0;
+  bool nonfinite = false;
+};
+
 struct StepPlan {
   StepScalars scalars;
   PassFeatures features;
   NormClip norm_clip = NormClip::none;
   double clipnorm = 0.0;
+  // A squared global norm computed outside (across ranks): global clipping uses it as is.
+  bool external_global = false;
+  double global_sum_squares = 0.0;
+  // measured.task_sums already holds this step's sums (the backend need not measure again).
+  bool measured_valid = false;
+  GradMeasure measured;
   std::vector<PassTask> tasks;
 };
 

@@ -14,7 +14,8 @@ import numpy as np
 
 from . import _core, schedules
 
-_SLOT_KINDS = {"momentum": 0, "average": 1, "accumulator": 2}
+_SLOT_KINDS = {"momentum": _core.SlotKind.momentum, "average": _core.SlotKind.average,
+               "accumulator": _core.SlotKind.accumulator}
 _LEGACY_KWARGS = {"decay", "lr", "jit_compile", "is_legacy_optimizer", "amsgrad"}
 _name_counts: dict = {}
 
@@ -209,8 +210,8 @@ class SGD:
             learning_rate = kwargs["lr"]
         self.jit_compile = bool(kwargs.get("jit_compile", True))
 
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.integer, np.floating)) \
-                or not 0.0 <= float(momentum) <= 1.0:
+        # Types are checked here; ranges once, in the engine (Keras's wording), below.
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.integer, np.floating)):
             raise ValueError("`momentum` must be a float between [0, 1].")
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
@@ -218,28 +219,24 @@ class SGD:
         self.clipnorm = _optional_float("clipnorm", clipnorm)
         self.clipvalue = _optional_float("clipvalue", clipvalue)
         self.global_clipnorm = _optional_float("global_clipnorm", global_clipnorm)
-        if sum(v is not None for v in (self.clipnorm, self.clipvalue, self.global_clipnorm)) > 1:
-            raise ValueError(
-                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. Received: "
-                f"clipnorm={clipnorm}, clipvalue={clipvalue}, global_clipnorm={global_clipnorm}")
         self.loss_scale_factor = _optional_float("loss_scale_factor", loss_scale_factor)
-        if self.loss_scale_factor is not None and not self.loss_scale_factor > 0:
-            raise ValueError(f"`loss_scale_factor` must be positive, got {loss_scale_factor}")
         if gradient_accumulation_steps:
-            if not isinstance(gradient_accumulation_steps, (int, np.integer)) or gradient_accumulation_steps < 2:
+            if isinstance(gradient_accumulation_steps, bool) or \
+                    not isinstance(gradient_accumulation_steps, (int, np.integer)):
                 raise ValueError("`gradient_accumulation_steps` must be an integer >= 2. Received: "
                                  f"gradient_accumulation_steps={gradient_accumulation_steps}")
             gradient_accumulation_steps = int(gradient_accumulation_steps)
-        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.gradient_accumulation_steps = gradient_accumulation_steps or None
         self.use_ema = bool(use_ema)
         if self.use_ema:
-            if not isinstance(ema_momentum, (int, float, np.integer, np.floating)) or not 0 <= ema_momentum <= 1:
+            if isinstance(ema_momentum, bool) or not isinstance(ema_momentum, (int, float, np.integer, np.floating)):
                 raise ValueError(f"`ema_momentum` must be in the range [0, 1]. Received: ema_momentum={ema_momentum}")
-            if ema_overwrite_frequency and (not isinstance(ema_overwrite_frequency, (int, np.integer))
-                                            or ema_overwrite_frequency < 1):
+            if ema_overwrite_frequency and (isinstance(ema_overwrite_frequency, bool) or
+                                            not isinstance(ema_overwrite_frequency, (int, np.integer))):
                 raise ValueError("`ema_overwrite_frequency` must be an integer >= 1 or None. Received: "
                                  f"ema_overwrite_frequency={ema_overwrite_frequency}")
-        self.ema_momentum = float(ema_momentum)
+        self.ema_momentum = float(ema_momentum) if isinstance(ema_momentum, (int, float, np.integer, np.floating)) \
+            else ema_momentum
         self.ema_overwrite_frequency = int(ema_overwrite_frequency) if ema_overwrite_frequency else None
         if slot_dtype not in ("float32", "variable"):
             raise ValueError(f"`slot_dtype` must be 'float32' or 'variable', got {slot_dtype!r}")
@@ -262,21 +259,21 @@ class SGD:
 
     # ---- configuration --------------------------------------------------------------------
 
-    def _engine_options(self) -> dict:
-        return {
-            "momentum": self.momentum,
-            "nesterov": self.nesterov,
-            "weight_decay": self.weight_decay or 0.0,
-            "clipnorm": self.clipnorm if self.clipnorm and self.clipnorm > 0 else 0.0,
-            "clipvalue": self.clipvalue if self.clipvalue and self.clipvalue > 0 else 0.0,
-            "global_clipnorm": self.global_clipnorm if self.global_clipnorm and self.global_clipnorm > 0 else 0.0,
-            "use_ema": self.use_ema,
-            "ema_momentum": self.ema_momentum,
-            "ema_overwrite_frequency": self.ema_overwrite_frequency or 0,
-            "loss_scale_factor": self.loss_scale_factor or 0.0,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps or 0,
-            "slots_in_variable_dtype": self.slot_dtype == "variable",
-        }
+    def _engine_options(self) -> "_core.Options":
+        options = _core.Options()
+        options.group = _core.Group(momentum=self.momentum, nesterov=self.nesterov,
+                                    weight_decay=self.weight_decay or 0.0)
+        options.clipnorm = self.clipnorm
+        options.clipvalue = self.clipvalue
+        options.global_clipnorm = self.global_clipnorm
+        options.use_ema = self.use_ema
+        if self.use_ema:
+            options.ema_momentum = self.ema_momentum
+            options.ema_overwrite_frequency = self.ema_overwrite_frequency
+        options.loss_scale_factor = self.loss_scale_factor
+        options.gradient_accumulation_steps = self.gradient_accumulation_steps
+        options.slots_in_variable_dtype = self.slot_dtype == "variable"
+        return options
 
     def _set_learning_rate(self, value: Any, initial: bool = False) -> None:
         if _is_schedule(value):
@@ -442,7 +439,8 @@ class SGD:
                 lr = pending_build[3] if engine.update_is_due else 0.0
             else:
                 lr = self._current_learning_rate(engine) if engine.update_is_due else 0.0
-            missing = engine.step(grads, variables, lr, None if stream is None else int(stream))
+            _, _, missing = engine.step(grads, variables, learning_rate=lr,
+                                        stream=None if stream is None else int(stream))
             if pending_build is not None:
                 self._commit_build(*pending_build)
             if self._increment_version is not None:

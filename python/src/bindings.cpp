@@ -388,33 +388,16 @@ std::string shape_str(const Imported& t) {
   return s + ")";
 }
 
-Options options_from(const py::dict& kw) {
-  Options o;
-  auto get = [&](const char* key, auto& field) {
-    if (kw.contains(key) && !kw[key].is_none()) field = kw[key].cast<std::decay_t<decltype(field)>>();
-  };
-  get("momentum", o.momentum);
-  get("nesterov", o.nesterov);
-  get("weight_decay", o.weight_decay);
-  get("clipnorm", o.clipnorm);
-  get("clipvalue", o.clipvalue);
-  get("global_clipnorm", o.global_clipnorm);
-  get("use_ema", o.use_ema);
-  get("ema_momentum", o.ema_momentum);
-  get("ema_overwrite_frequency", o.ema_overwrite_frequency);
-  get("loss_scale_factor", o.loss_scale_factor);
-  get("gradient_accumulation_steps", o.gradient_accumulation_steps);
-  get("slots_in_variable_dtype", o.slots_in_variable_dtype);
-  return o;
-}
-
 // The engine as Python sees it: variables are matched to slots by identity, as Keras does,
-// and each call imports what it is given.
+// and each call imports what it is given. Every object imported for a step is held until the
+// native step has ended, so another thread dropping its last reference cannot free a buffer
+// the engine is still reading.
 class Engine {
  public:
-  explicit Engine(const py::dict& options) : sgd_(options_from(options)) {}
+  explicit Engine(const Options& options) : sgd_(options) {}
 
-  void build(const py::sequence& variables, const std::vector<bool>& decays) {
+  void build(const py::sequence& variables, const std::vector<bool>& decays, const std::vector<size_t>& groups) {
+    std::unique_lock<std::mutex> busy = lock();
     const size_t n = variables.size();
     std::vector<py::object> objects;
     std::vector<TensorView> views(n);
@@ -425,23 +408,134 @@ class Engine {
       import_tensor(objects.back(), true, "variables", i, im, ctx);
       views[i] = im.view;
     }
-    sgd_.build(views, decays);
+    sgd_.build(views, decays, groups);
     built_ = std::move(objects);
     index_.clear();
     for (size_t i = 0; i < n; ++i) index_.emplace(built_[i].ptr(), i);
     var_views_.resize(n);
     grad_views_.resize(n);
+    for (auto& k : slot_views_) k.resize(n);
+    fresh_.resize(n);
     present_.resize(n);
   }
 
-  // Returns how many gradients were None (Keras warns about those).
-  size_t step(const py::sequence& grads, const py::object& variables, double learning_rate,
-              const py::object& stream) {
-    // The GIL is released while the engine runs: a second thread entering the same optimizer
-    // would race on its scratch buffers, so it is refused instead.
+  py::tuple step(const py::sequence& grads, const py::object& variables, std::optional<double> learning_rate,
+                 const py::object& slots, const py::object& fresh_momentum, double grad_scale,
+                 std::optional<bool> found_inf, std::optional<double> global_sum_squares,
+                 std::optional<long long> stream) {
+    std::unique_lock<std::mutex> busy = lock();
+    StepRequest r;
+    size_t missing = 0;
+    ImportContext ctx;
+    gather(grads, variables, slots, fresh_momentum, stream, r, missing, ctx, sgd_.next_step_touches_all());
+    r.learning_rate = learning_rate;
+    r.grad_scale = grad_scale;
+    r.found_inf = found_inf;
+    r.global_sum_squares = global_sum_squares;
+    StepResult result;
+    {
+      py::gil_scoped_release nogil;
+      result = sgd_.step(r);
+    }
+    held_.clear();
+    return py::make_tuple(result.updated, result.skipped, missing);
+  }
+
+  GradStats grad_stats(const py::sequence& grads, const py::object& variables, const py::object& slots,
+                       double grad_scale) {
+    std::unique_lock<std::mutex> busy = lock();
+    StepRequest r;
+    size_t missing = 0;
+    ImportContext ctx;
+    gather(grads, variables, slots, py::none(), std::nullopt, r, missing, ctx, false);
+    r.grad_scale = grad_scale;
+    GradStats stats;
+    {
+      py::gil_scoped_release nogil;
+      stats = sgd_.grad_stats(r);
+    }
+    held_.clear();
+    return stats;
+  }
+
+  void finalize(const py::sequence& variables) {
+    std::unique_lock<std::mutex> busy = lock();
+    std::vector<TensorView> views(variables.size());
+    ImportContext ctx;
+    for (size_t i = 0; i < views.size(); ++i) {
+      Imported im;
+      held_.push_back(variables[i]);
+      import_tensor(held_.back(), true, "variables", i, im, ctx);
+      views[i] = im.view;
+    }
+    {
+      py::gil_scoped_release nogil;
+      sgd_.finalize_variable_values(views);
+    }
+    held_.clear();
+  }
+
+  py::array read_slot(SlotKind kind, size_t i) {
+    std::unique_lock<std::mutex> busy = lock();
+    const TensorView v = sgd_.slot(kind, i);
+    if (!v.data) throw ValueError(std::string("no ") + slot_kind_name(kind) + " slots");
+    const char* fmt = v.dtype == DType::float64 ? "float64" : v.dtype == DType::float32 ? "float32"
+                      : v.dtype == DType::float16 ? "float16" : "uint16";
+    py::array out(py::dtype(fmt), std::vector<py::ssize_t>{py::ssize_t(v.numel)});
+    sgd_.read_slot(kind, i, out.mutable_data());
+    return out;
+  }
+
+  void write_slot(SlotKind kind, size_t i, const py::array& values) {
+    std::unique_lock<std::mutex> busy = lock();
+    const TensorView v = sgd_.slot(kind, i);
+    if (!v.data) throw ValueError(std::string("no ") + slot_kind_name(kind) + " slots");
+    if (!(values.flags() & py::array::c_style) || values.nbytes() != v.nbytes() ||
+        values.itemsize() != dtype_size(v.dtype))
+      throw ValueError(std::string(slot_kind_name(kind)) + " slot " + std::to_string(i) + " expects " +
+                       std::to_string(v.numel) + " contiguous " + dtype_name(v.dtype) + " values");
+    sgd_.write_slot(kind, i, values.data());
+  }
+
+  py::tuple slot_spec(size_t i) const {
+    const TensorView v = sgd_.slot(SlotKind::momentum, i);
+    return py::make_tuple(sgd_.variable_spec(i).numel, std::string(dtype_name(v.dtype)));
+  }
+
+  // Runs `fn` on the engine while no step is running in another thread.
+  template <class F>
+  auto locked(F&& fn) {
+    std::unique_lock<std::mutex> busy = lock();
+    return fn(sgd_);
+  }
+
+  SGD& sgd() { return sgd_; }
+  size_t size() const { return built_.size(); }
+
+ private:
+  // The GIL is released while the engine runs: a second thread entering the same optimizer
+  // would race on its scratch buffers and state, so it is refused instead.
+  std::unique_lock<std::mutex> lock() {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock())
-      throw std::runtime_error("this optimizer is already running a step in another thread");
+      throw ValueError("this optimizer is running a step in another thread; calls on one optimizer must not overlap");
+    return busy;
+  }
+
+  size_t position_of(py::handle var, size_t i) const {
+    if (i < built_.size() && built_[i].ptr() == var.ptr()) return i;
+    auto it = index_.find(var.ptr());
+    if (it != index_.end()) return it->second;
+    throw ValueError("Unknown variable " + where("variables", i) + " (a " + type_name(var) +
+                     "): it is not one of the variables this optimizer was built with");
+  }
+
+  // Imports the tensors of one call into the per-position views of `r`.
+  void gather(const py::sequence& grads, const py::object& variables, const py::object& slots,
+              const py::object& fresh_momentum, std::optional<long long> stream, StepRequest& r, size_t& missing,
+              ImportContext& ctx, bool touches_all) {
+    if (!sgd_.built()) throw ValueError("build() the optimizer before step()");
+    held_.clear();
     const size_t n_built = built_.size();
     const bool all = variables.is_none();
     const size_t n = grads.size();
@@ -451,22 +545,61 @@ class Engine {
     if (!all && vars_seq.size() != n)
       throw ValueError("grads and variables differ in length (" + std::to_string(n) + " and " +
                        std::to_string(vars_seq.size()) + ")");
+    py::sequence slot_seqs[kNumSlotKinds];
+    bool has_slots[kNumSlotKinds] = {false, false, false};
+    if (!slots.is_none()) {
+      if (!py::isinstance<py::dict>(slots)) throw TypeError("slots must be a dict {SlotKind: list} or None");
+      for (auto item : py::reinterpret_borrow<py::dict>(slots)) {
+        if (!py::isinstance<SlotKind>(item.first)) throw TypeError("slots keys must be SlotKind values");
+        const int k = int(item.first.cast<SlotKind>());
+        if (!py::isinstance<py::sequence>(item.second) || py::isinstance<py::str>(item.second))
+          throw TypeError(std::string("slots[") + slot_kind_name(SlotKind(k)) + "] must be a list");
+        slot_seqs[k] = py::reinterpret_borrow<py::sequence>(item.second);
+        if (slot_seqs[k].size() != n)
+          throw ValueError(std::string("slots[") + slot_kind_name(SlotKind(k)) + "] has " +
+                           std::to_string(slot_seqs[k].size()) + " entries for " + std::to_string(n) + " gradients");
+        has_slots[k] = true;
+      }
+    }
+    py::sequence fresh_seq;
+    const bool has_fresh = !fresh_momentum.is_none();
+    if (has_fresh) {
+      fresh_seq = py::reinterpret_borrow<py::sequence>(fresh_momentum);
+      if (fresh_seq.size() != n)
+        throw ValueError("fresh_momentum has " + std::to_string(fresh_seq.size()) + " entries for " +
+                         std::to_string(n) + " gradients");
+    }
     std::fill(var_views_.begin(), var_views_.end(), TensorView{});
     std::fill(grad_views_.begin(), grad_views_.end(), TensorView{});
+    for (auto& k : slot_views_) std::fill(k.begin(), k.end(), TensorView{});
+    std::fill(fresh_.begin(), fresh_.end(), 0);
     std::fill(present_.begin(), present_.end(), 0);
-    ImportContext ctx;
-    if (!stream.is_none()) ctx.stream = stream.cast<long long>();
-    size_t missing = 0;
+    if (stream) {
+      if (*stream < 0) throw ValueError("stream must be a cudaStream_t handle >= 0, got " + std::to_string(*stream));
+      ctx.stream = *stream;
+    }
     for (size_t i = 0; i < n; ++i) {
       py::handle var = all ? built_[i] : vars_seq[i];
       const size_t pos = position_of(var, i);
       if (present_[pos]) throw ValueError(where("variables", i) + " appears more than once in this call");
       present_[pos] = 1;
-      py::handle grad = grads[i];
+      for (int k = 0; k < kNumSlotKinds; ++k) {
+        if (!has_slots[k]) continue;
+        py::object slot = slot_seqs[k][i];
+        if (slot.is_none()) continue;
+        held_.push_back(slot);
+        Imported si;
+        import_tensor(slot, true, kSlotNames[k], i, si, ctx);
+        slot_views_[k][pos] = si.view;
+      }
+      if (has_fresh) fresh_[pos] = py::bool_(fresh_seq[i]) ? 1 : 0;
+      py::object grad = grads[i];
       if (grad.is_none()) {
         ++missing;
         continue;
       }
+      held_.push_back(grad);
+      held_.push_back(py::reinterpret_borrow<py::object>(var));
       Imported gi, vi;
       import_tensor(grad, false, "grads", i, gi, ctx);
       import_tensor(var, true, "variables", i, vi, ctx);
@@ -477,9 +610,16 @@ class Engine {
       var_views_[pos] = vi.view;
       if (gi.view.numel == 0) grad_views_[pos].data = vi.view.data ? vi.view.data : &present_[pos];
     }
-    if (sgd_.next_step_touches_all()) {
+    if (touches_all) {
       for (size_t pos = 0; pos < n_built; ++pos) {
-        if (var_views_[pos].data || sgd_.variable_spec(pos).numel == 0) continue;
+        if (var_views_[pos].data) continue;
+        if (sgd_.variable_spec(pos).numel == 0) {
+          // An empty variable is not imported, but its view still carries its dtype and
+          // device for the engine's checks (a default view read as float32: issue 14).
+          var_views_[pos] = sgd_.variable_spec(pos);
+          var_views_[pos].data = &present_[pos];
+          continue;
+        }
         Imported vi;
         import_tensor(built_[pos], true, "variables", pos, vi, ctx);
         var_views_[pos] = vi.view;
@@ -498,70 +638,23 @@ class Engine {
         break;
       }
     }
-    {
-      py::gil_scoped_release nogil;
-      sgd_.step(var_views_.data(), grad_views_.data(), learning_rate);
-    }
-    return missing;
+    r.variables = var_views_.data();
+    r.grads = grad_views_.data();
+    for (int k = 0; k < kNumSlotKinds; ++k) r.slots[k] = has_slots[k] ? slot_views_[k].data() : nullptr;
+    r.fresh_momentum = has_fresh ? fresh_.data() : nullptr;
   }
 
-  void finalize(const py::sequence& variables) {
-    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (!busy.owns_lock())
-      throw std::runtime_error("this optimizer is already running a step in another thread");
-    std::vector<TensorView> views(variables.size());
-    ImportContext ctx;
-    for (size_t i = 0; i < views.size(); ++i) {
-      Imported im;
-      import_tensor(variables[i], true, "variables", i, im, ctx);
-      views[i] = im.view;
-    }
-    py::gil_scoped_release nogil;
-    sgd_.finalize_variable_values(views);
-  }
-
-  py::array read_slot(int kind, size_t i) const {
-    const TensorView v = sgd_.slot(SlotKind(kind), i);
-    if (!v.data) throw ValueError(std::string("no ") + slot_kind_name(SlotKind(kind)) + " slots");
-    const char* fmt = v.dtype == DType::float64 ? "float64" : v.dtype == DType::float32 ? "float32"
-                      : v.dtype == DType::float16 ? "float16" : "uint16";
-    py::array out(py::dtype(fmt), std::vector<py::ssize_t>{py::ssize_t(v.numel)});
-    sgd_.read_slot(SlotKind(kind), i, out.mutable_data());
-    return out;
-  }
-
-  void write_slot(int kind, size_t i, const py::array& values) {
-    const TensorView v = sgd_.slot(SlotKind(kind), i);
-    if (!v.data) throw ValueError(std::string("no ") + slot_kind_name(SlotKind(kind)) + " slots");
-    if (!(values.flags() & py::array::c_style) || values.nbytes() != v.nbytes() ||
-        values.itemsize() != dtype_size(v.dtype))
-      throw ValueError(std::string(slot_kind_name(SlotKind(kind))) + " slot " + std::to_string(i) + " expects " +
-                       std::to_string(v.numel) + " contiguous " + dtype_name(v.dtype) + " values");
-    sgd_.write_slot(SlotKind(kind), i, values.data());
-  }
-
-  py::tuple slot_spec(size_t i) const {
-    const TensorView v = sgd_.slot(SlotKind::momentum, i);
-    return py::make_tuple(sgd_.variable_spec(i).numel, std::string(dtype_name(v.dtype)));
-  }
-
-  SGD& sgd() { return sgd_; }
-  size_t size() const { return built_.size(); }
-
- private:
-  size_t position_of(py::handle var, size_t i) const {
-    if (i < built_.size() && built_[i].ptr() == var.ptr()) return i;
-    auto it = index_.find(var.ptr());
-    if (it != index_.end()) return it->second;
-    throw ValueError("Unknown variable " + where("variables", i) + " (a " + type_name(var) +
-                     "): it is not one of the variables this optimizer was built with");
-  }
+  static constexpr const char* kSlotNames[kNumSlotKinds] = {"slots[momentum]", "slots[average]",
+                                                            "slots[accumulator]"};
 
   SGD sgd_;
   std::mutex busy_;
   std::vector<py::object> built_;
+  std::vector<py::object> held_;
   std::unordered_map<PyObject*, size_t> index_;
   std::vector<TensorView> var_views_, grad_views_;
+  std::vector<TensorView> slot_views_[kNumSlotKinds];
+  std::vector<uint8_t> fresh_;
   std::vector<char> present_;
 };
 
@@ -583,26 +676,103 @@ PYBIND11_MODULE(_core, m) {
     }
   });
 
-  py::class_<Engine>(m, "Engine", "The C++ fastsgd::SGD engine, holding slots and iteration counters.")
-      .def(py::init<const py::dict&>(), py::arg("options"), "Creates an engine from a dict of hyper-parameters.")
-      .def("build", &Engine::build, py::arg("variables"), py::arg("decays"),
-           "Declares the variables in order and allocates their slots (zeros).")
-      .def("step", &Engine::step, py::arg("grads"), py::arg("variables"), py::arg("learning_rate"),
-           py::arg("stream") = py::none(),
-           "One apply(): updates the variables in place. variables=None means the built list; "
-           "stream is an explicit cudaStream_t handle for CUDA tensors.")
+  py::enum_<Convention>(m, "Convention", "Which per-element rule the engine follows.")
+      .value("keras", Convention::keras, "keras.optimizers.SGD: v = m*v - lr*g; w += v")
+      .value("torch", Convention::torch, "torch.optim.SGD: b = m*b + (1-dampening)*g; w -= lr*b");
+  py::enum_<DecayForm>(m, "DecayForm", "How weight decay enters the update.")
+      .value("decoupled", DecayForm::decoupled, "w *= 1 - weight_decay * lr (Keras)")
+      .value("l2", DecayForm::l2, "g += weight_decay * w (torch)");
+  py::enum_<SlotKind>(m, "SlotKind", "The optimizer state kept per variable.")
+      .value("momentum", SlotKind::momentum)
+      .value("average", SlotKind::average)
+      .value("accumulator", SlotKind::accumulator);
+
+  py::class_<Group>(m, "Group", "One parameter group's hyper-parameters.")
+      .def(py::init([](double learning_rate, double momentum, double dampening, bool nesterov, double weight_decay,
+                       std::optional<DecayForm> decay_form, bool maximize) {
+             return Group{learning_rate, momentum, dampening, nesterov, weight_decay, decay_form, maximize};
+           }),
+           py::kw_only(), py::arg("learning_rate") = 0.01, py::arg("momentum") = 0.0, py::arg("dampening") = 0.0,
+           py::arg("nesterov") = false, py::arg("weight_decay") = 0.0, py::arg("decay_form") = py::none(),
+           py::arg("maximize") = false)
+      .def_readwrite("learning_rate", &Group::learning_rate)
+      .def_readwrite("momentum", &Group::momentum)
+      .def_readwrite("dampening", &Group::dampening)
+      .def_readwrite("nesterov", &Group::nesterov)
+      .def_readwrite("weight_decay", &Group::weight_decay)
+      .def_readwrite("decay_form", &Group::decay_form)
+      .def_readwrite("maximize", &Group::maximize)
+      .def("__repr__", [](const Group& g) {
+        return "Group(learning_rate=" + std::to_string(g.learning_rate) + ", momentum=" + std::to_string(g.momentum) +
+               ", dampening=" + std::to_string(g.dampening) + ", nesterov=" + (g.nesterov ? "True" : "False") +
+               ", weight_decay=" + std::to_string(g.weight_decay) + ", maximize=" + (g.maximize ? "True" : "False") +
+               ")";
+      });
+
+  py::class_<Options>(m, "Options", "The engine's hyper-parameters; None leaves an optional feature off.")
+      .def(py::init<>())
+      .def_readwrite("convention", &Options::convention)
+      .def_readwrite("group", &Options::group, "group 0's hyper-parameters")
+      .def_readwrite("clipnorm", &Options::clipnorm)
+      .def_readwrite("clipvalue", &Options::clipvalue)
+      .def_readwrite("global_clipnorm", &Options::global_clipnorm)
+      .def_readwrite("use_ema", &Options::use_ema)
+      .def_readwrite("ema_momentum", &Options::ema_momentum)
+      .def_readwrite("ema_overwrite_frequency", &Options::ema_overwrite_frequency)
+      .def_readwrite("loss_scale_factor", &Options::loss_scale_factor)
+      .def_readwrite("gradient_accumulation_steps", &Options::gradient_accumulation_steps)
+      .def_readwrite("slots_in_variable_dtype", &Options::slots_in_variable_dtype)
+      .def_readwrite("caller_owned_slots", &Options::caller_owned_slots)
+      .def_readwrite("skip_nonfinite", &Options::skip_nonfinite);
+  m.def("validate", [](const Options& o) { validate(o); }, py::arg("options"),
+        "Raises ValueError when a hyper-parameter is out of range (Keras's or torch's wording).");
+
+  py::class_<GradStats>(m, "GradStats", "Sums of squares of the effective gradients, as norm clipping measures them.")
+      .def_readonly("sum_squares", &GradStats::sum_squares, "per built variable (0.0 without a gradient)")
+      .def_readonly("total", &GradStats::total, "sum over variables, in build order")
+      .def_readonly("nonfinite", &GradStats::nonfinite, "whether any gradient element is Inf or NaN");
+
+  py::class_<Engine>(m, "Engine", "The C++ fastsgd::SGD engine, holding groups, slots and iteration counters.")
+      .def(py::init<const Options&>(), py::arg("options"), "Creates an engine; ValueError on a bad hyper-parameter.")
+      .def("add_group", [](Engine& e, const Group& g) { return e.locked([&](SGD& s) { return s.add_group(g); }); },
+           py::arg("group"), "Adds a parameter group; returns its index.")
+      .def("set_group", [](Engine& e, size_t i, const Group& g) { e.locked([&](SGD& s) { s.set_group(i, g); }); },
+           py::arg("index"), py::arg("group"), "Replaces group index's hyper-parameters (from the next step on).")
+      .def("group", [](Engine& e, size_t i) { return e.locked([&](SGD& s) { return s.group(i); }); },
+           py::arg("index"), "A copy of group index's hyper-parameters.")
+      .def_property_readonly("num_groups", [](Engine& e) { return e.sgd().num_groups(); }, "Number of groups.")
+      .def("build", &Engine::build, py::arg("variables"), py::arg("decays") = std::vector<bool>{},
+           py::arg("groups") = std::vector<size_t>{},
+           "Declares the variables in order (with their weight-decay flags and group indices) and allocates "
+           "their engine-owned slots (zeros).")
+      .def("step", &Engine::step, py::arg("grads"), py::arg("variables") = py::none(), py::kw_only(),
+           py::arg("learning_rate") = py::none(), py::arg("slots") = py::none(),
+           py::arg("fresh_momentum") = py::none(), py::arg("grad_scale") = 1.0, py::arg("found_inf") = py::none(),
+           py::arg("global_sum_squares") = py::none(), py::arg("stream") = py::none(),
+           "One step: updates the variables in place; returns (updated, skipped, missing). variables=None "
+           "means the built list; slots={SlotKind: list} passes caller-owned slots; learning_rate replaces "
+           "every group's rate for this step.")
+      .def("grad_stats", &Engine::grad_stats, py::arg("grads"), py::arg("variables") = py::none(), py::kw_only(),
+           py::arg("slots") = py::none(), py::arg("grad_scale") = 1.0,
+           "What the next step would measure for norm clipping and the non-finite check; changes nothing.")
       .def("finalize", &Engine::finalize, py::arg("variables"),
            "Copies each EMA average into the variable at the same position.")
       .def("read_slot", &Engine::read_slot, py::arg("kind"), py::arg("index"), "A copy of one slot (flat).")
       .def("write_slot", &Engine::write_slot, py::arg("kind"), py::arg("index"), py::arg("values"),
            "Overwrites one slot from a flat contiguous array of the slot's dtype.")
       .def("slot_spec", &Engine::slot_spec, py::arg("index"), "(numel, dtype name) of variable index's slots.")
-      .def("has_slot", [](Engine& e, int kind) { return e.sgd().has_slot(SlotKind(kind)); }, py::arg("kind"),
-           "Whether slots of this kind exist.")
-      .def("set_decays", [](Engine& e, size_t i, bool d) { e.sgd().set_decays(i, d); }, py::arg("index"),
-           py::arg("decays"), "Includes or excludes variable index from weight decay.")
-      .def("set_stream", [](Engine& e, uintptr_t s) { e.sgd().set_stream(s); }, py::arg("stream"),
-           "CUDA stream (cudaStream_t as int) for the following steps.")
+      .def("has_slot", [](Engine& e, SlotKind kind) { return e.sgd().has_slot(kind); }, py::arg("kind"),
+           "Whether engine-owned slots of this kind exist.")
+      .def("momentum_started", [](Engine& e, size_t i) { return e.sgd().momentum_started(i); }, py::arg("index"),
+           "torch convention: whether variable index's momentum slot has had its first step.")
+      .def("set_momentum_started",
+           [](Engine& e, size_t i, bool v) { e.locked([&](SGD& s) { s.set_momentum_started(i, v); }); },
+           py::arg("index"), py::arg("started"), "Marks variable index's momentum slot as started or fresh.")
+      .def("set_decays", [](Engine& e, size_t i, bool d) { e.locked([&](SGD& s) { s.set_decays(i, d); }); },
+           py::arg("index"), py::arg("decays"), "Includes or excludes variable index from weight decay.")
+      .def("set_stream", [](Engine& e, uintptr_t st) { e.locked([&](SGD& s) { s.set_stream(st); }); },
+           py::arg("stream"), "CUDA stream (cudaStream_t as int) for the following steps.")
+      .def_property_readonly("options", [](Engine& e) { return e.sgd().options(); }, "A copy of the options.")
       .def_property_readonly("built", [](Engine& e) { return e.sgd().built(); }, "Whether build() ran.")
       .def_property_readonly("size", &Engine::size, "Number of built variables.")
       .def_property_readonly("update_is_due", [](Engine& e) { return e.sgd().update_is_due(); },
@@ -610,8 +780,11 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("iterations", [](Engine& e) { return e.sgd().iterations(); },
                              "Completed update steps (Keras's iterations).")
       .def_property("raw_iterations", [](Engine& e) { return e.sgd().raw_iterations(); },
-                    [](Engine& e, int64_t v) { e.sgd().set_raw_iterations(v); },
-                    "Every apply() call so far (Keras's _iterations).");
+                    [](Engine& e, int64_t v) { e.locked([&](SGD& s) { s.set_raw_iterations(v); }); },
+                    "Every applied call so far (Keras's _iterations); skipped steps are not counted.")
+      .def_property("skipped_steps", [](Engine& e) { return e.sgd().skipped_steps(); },
+                    [](Engine& e, int64_t v) { e.locked([&](SGD& s) { s.set_skipped_steps(v); }); },
+                    "Steps skipped for non-finite gradients or found_inf.");
 
   m.def("cpu_info", [] {
     const CpuInfo c = cpu_info();

@@ -7,7 +7,7 @@
 // and exports / imports its state. Python's fastsgd.SGD wraps this class; C++ programs use it
 // directly.
 //
-//   fastsgd::Options opt;  opt.momentum = 0.9;
+//   fastsgd::Options opt;  opt.group.momentum = 0.9;
 //   fastsgd::SGD sgd(opt);
 //   sgd.build({{w.data(), n, fastsgd::DType::float32}});
 //   for (...) { compute grad; sgd.step({{w.data(), n}}, {{g.data(), n}}, 0.01); }
@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,28 +24,82 @@
 
 namespace fastsgd {
 
-// Hyper-parameters. Zero (or a non-positive value) disables an optional feature, as in Keras.
-struct Options {
-  double momentum = 0.0;                  // in [0, 1]
-  bool nesterov = false;                  // ignored when momentum == 0
-  double weight_decay = 0.0;              // decoupled: w *= 1 - weight_decay * lr
-  double clipnorm = 0.0;                  // per-tensor L2 clip
-  double clipvalue = 0.0;                 // element clip into [-clipvalue, clipvalue]
-  double global_clipnorm = 0.0;           // L2 clip over all gradients of a step
-  bool use_ema = false;
-  double ema_momentum = 0.99;             // in [0, 1]
-  int64_t ema_overwrite_frequency = 0;    // every N steps copy the average into the variables
-  double loss_scale_factor = 0.0;         // gradients are divided by it first
-  int64_t gradient_accumulation_steps = 0;  // >= 2 enables accumulation
-  // Slots of float16/bfloat16 variables are float32 unless this is set.
-  bool slots_in_variable_dtype = false;
+// One parameter group's hyper-parameters. Every variable belongs to one group; groups may
+// change between steps (set_group), as torch's schedulers rewrite param_groups.
+struct Group {
+  double learning_rate = 0.01;            // a step may override it for every group
+  double momentum = 0.0;                  // in [0, 1] (keras), >= 0 (torch)
+  double dampening = 0.0;                 // torch convention only
+  bool nesterov = false;
+  double weight_decay = 0.0;              // >= 0; 0 disables
+  std::optional<DecayForm> decay_form;    // unset: decoupled under keras, l2 under torch
+  bool maximize = false;                  // ascend instead of descend: g = -g
 };
 
+// Hyper-parameters. Zero (or a non-positive value) disables an optional feature, as in Keras.
+struct Options {
+  Convention convention = Convention::keras;
+  Group group;                            // group 0
+  // Optional values follow Keras's None: unset is off. At most one clip may be set; a set
+  // clip <= 0 clips nothing.
+  std::optional<double> clipnorm;         // per-tensor L2 clip
+  std::optional<double> clipvalue;        // element clip into [-clipvalue, clipvalue]
+  std::optional<double> global_clipnorm;  // L2 clip over all gradients of a step
+  bool use_ema = false;
+  double ema_momentum = 0.99;             // in [0, 1]
+  std::optional<int64_t> ema_overwrite_frequency;   // every N steps copy the average into the variables
+  std::optional<double> loss_scale_factor;          // gradients are divided by it first
+  std::optional<int64_t> gradient_accumulation_steps;  // >= 2 enables accumulation (0: off)
+  // Slots of float16/bfloat16 variables are float32 unless this is set.
+  bool slots_in_variable_dtype = false;
+  // The caller owns every slot buffer and passes them to each step (StepRequest::slots);
+  // the engine allocates none.
+  bool caller_owned_slots = false;
+  // A step whose effective gradients hold an Inf or NaN changes nothing (see StepResult).
+  bool skip_nonfinite = false;
+};
+
+// Throws ValueError (Keras's or torch's wording) for a value out of range.
+void validate(const Options& options);
+void validate(const Group& group, Convention convention);
+
 enum class SlotKind : int32_t { momentum = 0, average = 1, accumulator = 2 };
+constexpr int kNumSlotKinds = 3;
 
 inline const char* slot_kind_name(SlotKind k) {
   return k == SlotKind::momentum ? "momentum" : (k == SlotKind::average ? "average" : "accumulator");
 }
+
+// Everything one step reads. Arrays hold num_variables() entries in build order.
+struct StepRequest {
+  const TensorView* variables = nullptr;
+  const TensorView* grads = nullptr;      // data == nullptr: no gradient for that variable
+  // Caller-owned slots (Options::caller_owned_slots), one array per SlotKind; an entry with
+  // data == nullptr is a slot the step does not need.
+  const TensorView* slots[kNumSlotKinds] = {nullptr, nullptr, nullptr};
+  // torch convention, caller-owned slots: nonzero where the momentum slot starts this step.
+  const uint8_t* fresh_momentum = nullptr;
+  // Unset: each group's own learning rate; set: the rate of every group for this step.
+  std::optional<double> learning_rate;
+  double grad_scale = 1.0;                // multiplies every gradient (e.g. 1 / GradScaler scale)
+  // Unset: decided here (Options::skip_nonfinite); set: decided outside (true skips the step).
+  std::optional<bool> found_inf;
+  // Unset: measured here; set: the squared global norm over all ranks, for global_clipnorm
+  // (and, unless found_inf is set, for the non-finite check).
+  std::optional<double> global_sum_squares;
+};
+
+struct StepResult {
+  bool updated = false;   // variables took an update step
+  bool skipped = false;   // non-finite gradients or found_inf: nothing changed
+};
+
+// What norm clipping measures: per variable (0 without a gradient) and in total.
+struct GradStats {
+  std::vector<double> sum_squares;
+  double total = 0.0;
+  bool nonfinite = false;
+};
 
 // Which CPU code path runs, and how many threads it may use.
 struct CpuInfo {
@@ -75,36 +130,55 @@ class SGD {
 
   const Options& options() const { return options_; }
 
-  // Declares the variables (in order) and allocates their slots, zero-filled, on their device.
-  // `decays[i] == false` excludes variable i from weight decay (empty: all decay).
-  void build(const std::vector<TensorView>& variables, const std::vector<bool>& decays = {});
+  // Parameter groups: group 0 comes from Options::group. Validated; effective next step.
+  size_t add_group(const Group& group);
+  void set_group(size_t index, const Group& group);
+  const Group& group(size_t index) const;
+  size_t num_groups() const { return groups_.size(); }
+
+  // Declares the variables (in order) and allocates their slots, zero-filled, on their device
+  // (none with caller-owned slots). `decays[i] == false` excludes variable i from weight decay,
+  // `groups[i]` is its group (empty: all decay, all in group 0).
+  void build(const std::vector<TensorView>& variables, const std::vector<bool>& decays = {},
+             const std::vector<size_t>& groups = {});
   bool built() const { return built_; }
   size_t num_variables() const { return vars_.size(); }
   const TensorView& variable_spec(size_t i) const { return vars_.at(i); }
+  size_t group_of(size_t i) const { return group_of_.at(i); }
   void set_decays(size_t i, bool decays);
 
-  // One call of Keras's apply(). Both arrays hold num_variables() views in build order;
-  // grads[i].data == nullptr means "no gradient for variable i this call". Variables without
-  // a gradient may be empty views when nothing touches them (no EMA, no accumulator reset).
-  // `learning_rate` is read only on update calls (see update_is_due()).
-  // Throws TypeError / ValueError before writing anything.
-  void step(const TensorView* variables, const TensorView* grads, double learning_rate);
-  void step(const std::vector<TensorView>& variables, const std::vector<TensorView>& grads,
-            double learning_rate);
+  // One call of Keras's apply() / torch's step(). Variables without a gradient may be empty
+  // views when nothing touches them (no EMA, no accumulator reset). Throws TypeError /
+  // ValueError before writing anything; a skipped step writes nothing and counts in
+  // skipped_steps() only.
+  StepResult step(const StepRequest& request);
+  // Convenience: engine-owned slots, one learning rate for every group.
+  StepResult step(const std::vector<TensorView>& variables, const std::vector<TensorView>& grads,
+                  double learning_rate);
+
+  // What the next step would measure (norm clipping, the non-finite check); changes nothing.
+  GradStats grad_stats(const StepRequest& request);
 
   // True when the next step() updates variables (always, unless accumulating).
   bool update_is_due() const;
   // True when the next step() reads variables that have no gradient (EMA or a reset).
   bool next_step_touches_all() const;
 
-  // Keras's `_iterations` (every call) and `iterations` (completed update steps).
+  // Keras's `_iterations` (every call) and `iterations` (completed update steps); steps
+  // skipped for non-finite gradients count only in skipped_steps().
   int64_t raw_iterations() const { return raw_iterations_; }
   int64_t iterations() const;
   void set_raw_iterations(int64_t value);
+  int64_t skipped_steps() const { return skipped_steps_; }
+  void set_skipped_steps(int64_t value);
 
-  // Slot buffers for state export / import and EMA finalisation; an empty view if absent.
+  // Engine-owned slot buffers for state export / import and EMA finalisation; an empty view
+  // if absent.
   bool has_slot(SlotKind kind) const;
   TensorView slot(SlotKind kind, size_t i) const;
+  // torch convention, engine-owned slots: whether variable i's momentum has had its first step.
+  bool momentum_started(size_t i) const;
+  void set_momentum_started(size_t i, bool started);
 
   // Copies a slot to or from host memory (slot(kind, i).nbytes() bytes), for checkpoints.
   void read_slot(SlotKind kind, size_t i, void* host_dst) const;
@@ -120,13 +194,19 @@ class SGD {
   struct Impl;
 
  private:
-  void validate(const TensorView* variables, const TensorView* grads, bool touches_all) const;
+  void validate_request(const StepRequest& r, bool touches_all, bool update_call) const;
+  void plan_step(const StepRequest& r, bool update_call, bool touches_all);
+  bool wants_slot(SlotKind kind, size_t i) const;
 
   Options options_;
+  std::vector<Group> groups_;
   bool built_ = false;
   int64_t raw_iterations_ = 0;
+  int64_t skipped_steps_ = 0;
   std::vector<TensorView> vars_;  // build-time specs (data pointers are not kept valid)
   std::vector<bool> decays_;
+  std::vector<size_t> group_of_;
+  std::vector<uint8_t> momentum_started_;
   std::unique_ptr<Impl> impl_;
 };
 

@@ -1,6 +1,7 @@
 // The scalars of one optimizer step, shared by the CPU walks and the CUDA kernels.
-// The engine fills StepScalars once per call (in double); math.h turns them into the
-// per-tensor coefficients of the compute type, so both backends round the same way.
+// The engine fills StepScalars once per call and TensorScalars once per tensor (in double);
+// math.h turns them into the coefficients of the compute type, so both backends round the
+// same way.
 #pragma once
 
 #include <cstdint>
@@ -17,12 +18,18 @@ enum class PassKind : int32_t {
 
 enum class MomentumKind : int32_t { none = 0, heavy_ball = 1, nesterov = 2 };
 
+// Which per-element rule a pass follows (see math.h):
+//   keras  v = m*v - lr*g ; w += v                      (keras.optimizers.SGD)
+//   torch  b = m*b + (1 - dampening)*g ; w -= lr*b      (torch.optim.SGD, its roundings)
+enum class Convention : int32_t { keras = 0, torch = 1 };
+
+// How weight decay enters: decoupled (w *= 1 - wd*lr, Keras) or L2 (g += wd*w, torch).
+enum class DecayForm : int32_t { decoupled = 0, l2 = 1 };
+
+// Step-wide scalars: the same for every tensor of a call.
 struct StepScalars {
-  double learning_rate = 0.0;
-  double momentum = 0.0;
-  double grad_scale = 1.0;      // 1 / loss_scale_factor
+  double grad_scale = 1.0;      // 1 / loss_scale_factor, times the call's own unscale factor
   double window = 1.0;          // gradient_accumulation_steps on an update call, else 1
-  double weight_decay = 0.0;    // 0 disables; the decay factor is 1 - wd * lr
   double clip_value = 0.0;      // > 0 enables clipping into [-clip_value, clip_value]
   double ema_keep = 0.0;        // weight of the old average (0 on the first step)
   bool merge_window = false;    // update call under accumulation: g = (g + acc) / window
@@ -30,11 +37,17 @@ struct StepScalars {
   bool ema_overwrite = false;   // copy the average into the variable after the EMA update
 };
 
-// Per-tensor facts the pass needs beyond the step-wide scalars.
+// Per-tensor scalars: the tensor's group hyper-parameters and its norm-clip coefficients.
 struct TensorScalars {
-  double clip_mul = 1.0;  // norm clip: g = (g * clip_mul) / clip_div
+  double clip_mul = 1.0;        // norm clip: g = (g * clip_mul) / clip_div
   double clip_div = 1.0;
-  bool decays = true;     // false for variables excluded from weight decay
+  double learning_rate = 0.0;
+  double momentum = 0.0;
+  double dampening = 0.0;       // torch convention: b = m*b + (1 - dampening)*g
+  double weight_decay = 0.0;    // 0 for variables excluded from weight decay
+  bool decay_l2 = false;        // DecayForm::l2
+  bool maximize = false;        // g = -g before decay and momentum
+  bool fresh_momentum = false;  // torch convention: the momentum slot starts now (b = g)
 };
 
 }  // namespace fastsgd

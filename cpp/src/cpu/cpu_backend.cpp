@@ -109,9 +109,36 @@ class CpuBackend final : public detail::Backend {
     std::memcpy(dst, src, size_t(bytes));
   }
 
-  void execute(detail::StepPlan& plan) override {
+  void measure(detail::StepPlan& plan) override {
     plan_ = &plan;
-    if (plan.norm_clip != detail::NormClip::none) measure_and_set_clip(plan);
+    blocks_.clear();
+    int64_t total = 0;
+    for (size_t t = 0; t < plan.tasks.size(); ++t) {
+      const auto& task = plan.tasks[t];
+      if (task.kind != PassKind::update && task.kind != PassKind::accumulate) continue;
+      for (int64_t b = 0; b < task.numel; b += kNormBlock)
+        blocks_.push_back({int(t), b, std::min(task.numel, b + kNormBlock)});
+      total += task.numel;
+    }
+    block_sums_.assign(blocks_.size(), BlockSum{});
+    const int threads = std::min<int>(threads_for(total), int(std::max<size_t>(1, blocks_.size())));
+    workers_ = threads;
+    parallel_run(threads, &CpuBackend::sum_task, this);
+    detail::GradMeasure& m = plan.measured;
+    m.task_sums.assign(plan.tasks.size(), 0.0);
+    m.nonfinite = false;
+    for (size_t b = 0; b < blocks_.size(); ++b) {
+      m.task_sums[size_t(blocks_[b].task)] += block_sums_[b].sum_squares;
+      m.nonfinite = m.nonfinite || block_sums_[b].nonfinite;
+    }
+    m.total = 0.0;
+    for (double v : m.task_sums) m.total += v;
+    plan_ = nullptr;
+  }
+
+  void execute(detail::StepPlan& plan) override {
+    if (plan.norm_clip != detail::NormClip::none) set_clip(plan);
+    plan_ = &plan;
     run_passes(plan);
     plan_ = nullptr;
   }
@@ -122,37 +149,28 @@ class CpuBackend final : public detail::Backend {
     return int(std::max<int64_t>(1, std::min<int64_t>(want, thread_limit())));
   }
 
-  void measure_and_set_clip(detail::StepPlan& plan) {
-    blocks_.clear();
-    task_sums_.assign(plan.tasks.size(), 0.0);
-    int64_t total = 0;
-    for (size_t t = 0; t < plan.tasks.size(); ++t) {
-      const auto& task = plan.tasks[t];
-      if (task.kind != PassKind::update) continue;
-      for (int64_t b = 0; b < task.numel; b += kNormBlock)
-        blocks_.push_back({int(t), b, std::min(task.numel, b + kNormBlock)});
-      total += task.numel;
+  // Norm-clip coefficients of every update task, from this step's sums (measured now unless
+  // the engine measured already) or from a global sum computed outside.
+  void set_clip(detail::StepPlan& plan) {
+    const bool global = plan.norm_clip == detail::NormClip::global;
+    if (!plan.measured_valid && !(global && plan.external_global)) {
+      measure(plan);
+      plan.measured_valid = true;
     }
-    block_sums_.assign(blocks_.size(), 0.0);
-    const int threads = std::min<int>(threads_for(total), int(std::max<size_t>(1, blocks_.size())));
-    workers_ = threads;
-    parallel_run(threads, &CpuBackend::sum_task, this);
-    for (size_t b = 0; b < blocks_.size(); ++b) task_sums_[blocks_[b].task] += block_sums_[b];
-
-    if (plan.norm_clip == detail::NormClip::per_tensor) {
+    if (!global) {
       for (size_t t = 0; t < plan.tasks.size(); ++t) {
         auto& task = plan.tasks[t];
         if (task.kind != PassKind::update) continue;
-        math::clipnorm_coeffs<double>(task_sums_[t], plan.clipnorm, task.ts.clip_mul, task.ts.clip_div);
+        math::clipnorm_coeffs<double>(plan.measured.task_sums[t], plan.clipnorm, task.ts.clip_mul,
+                                      task.ts.clip_div);
       }
-    } else {
-      double sum = 0.0;
-      for (size_t t = 0; t < plan.tasks.size(); ++t) sum += task_sums_[t];
-      const double scale = math::global_clip_scale<double>(sum, plan.clipnorm);
-      for (auto& task : plan.tasks) {
-        task.ts.clip_mul = scale;
-        task.ts.clip_div = 1.0;
-      }
+      return;
+    }
+    const double sum = plan.external_global ? plan.global_sum_squares : plan.measured.total;
+    const double scale = math::global_clip_scale<double>(sum, plan.clipnorm);
+    for (auto& task : plan.tasks) {
+      task.ts.clip_mul = scale;
+      task.ts.clip_div = 1.0;
     }
   }
 
@@ -221,7 +239,7 @@ class CpuBackend final : public detail::Backend {
   const detail::StepPlan* plan_ = nullptr;
   int workers_ = 1;
   std::vector<NormBlock> blocks_;
-  std::vector<double> block_sums_, task_sums_;
+  std::vector<BlockSum> block_sums_;
   std::vector<PassFn> fns_;
   std::vector<int64_t> offsets_;
 };

@@ -13,9 +13,13 @@ namespace cpu {
 using PassFn = void (*)(const detail::PassTask& task, const StepScalars& scalars, int64_t begin,
                         int64_t end);
 // Sum of squares of the effective gradient over [begin, end), in a fixed summation order
-// that does not depend on the ISA level.
-using SumSquaresFn = double (*)(const detail::PassTask& task, const StepScalars& scalars,
-                                int64_t begin, int64_t end);
+// that does not depend on the ISA level, and whether any element was Inf or NaN.
+struct BlockSum {
+  double sum_squares = 0.0;
+  bool nonfinite = false;
+};
+using SumSquaresFn = BlockSum (*)(const detail::PassTask& task, const StepScalars& scalars,
+                                  int64_t begin, int64_t end);
 
 struct KernelSet {
   const char* name;
