@@ -223,8 +223,8 @@ class CudaBackend final : public detail::Backend {
     void tensor_norms(const LaunchMeta& meta, bool per_tensor, double clipnorm) {
       launch_tensor_norms(meta, per_tensor, clipnorm, self->partials_, self->sums_, self->clip_, self->stream_);
     }
-    void global_clip(int32_t rows, double clipnorm) {
-      launch_global_clip(rows, clipnorm, self->sums_, self->clip_, self->stream_);
+    void global_clip(int32_t rows, double clipnorm, bool narrow) {
+      launch_global_clip(rows, clipnorm, narrow, self->sums_, self->clip_, self->stream_);
     }
     void pass(Combo c, const PassVariant& v, const LaunchMeta& meta, const StepScalars& s, bool uses_clip) {
       const cudaError_t before = cudaPeekAtLastError();

@@ -33,7 +33,8 @@ const ComboLaunchers& launchers_bf16_bf16();
 void launch_tensor_norms(const LaunchMeta& meta, bool per_tensor, double clipnorm, const Pair* partials,
                          Pair* sums, double* clip, cudaStream_t stream);
 // Stage 3 (global_clipnorm): clip row 0 = (global_clip_scale(sum of sums[0, rows)), 1).
-void launch_global_clip(int32_t rows, double clipnorm, const Pair* sums, double* clip, cudaStream_t stream);
+void launch_global_clip(int32_t rows, double clipnorm, bool narrow, const Pair* sums, double* clip,
+                        cudaStream_t stream);
 
 // cudaSuccess when this build has kernel code the current device can run.
 cudaError_t probe_kernels();

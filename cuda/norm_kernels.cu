@@ -23,8 +23,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // One thread: the rows are added in task order, exactly as the host adds measured sums.
 __global__ void global_clip_kernel(int32_t rows, const Pair* __restrict__ sums, double* __restrict__ clip,
-                                   double clipnorm) {
-  GlobalNormStage::finish(GlobalNormStage::total(rows, sums), clipnorm, clip);
+                                   double clipnorm, bool narrow) {
+  GlobalNormStage::finish(GlobalNormStage::total(rows, sums), clipnorm, narrow, clip);
 }
 
 }  // namespace
@@ -36,8 +36,9 @@ void launch_tensor_norms(const LaunchMeta& meta, bool per_tensor, double clipnor
                                                                          clipnorm);
 }
 
-void launch_global_clip(int32_t rows, double clipnorm, const Pair* sums, double* clip, cudaStream_t stream) {
-  global_clip_kernel<<<1, 1, 0, stream>>>(rows, sums, clip, clipnorm);
+void launch_global_clip(int32_t rows, double clipnorm, bool narrow, const Pair* sums, double* clip,
+                        cudaStream_t stream) {
+  global_clip_kernel<<<1, 1, 0, stream>>>(rows, sums, clip, clipnorm, narrow);
 }
 
 cudaError_t probe_kernels() {

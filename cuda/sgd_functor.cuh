@@ -55,6 +55,7 @@ constexpr uint32_t kHasAvg = 4u;
 constexpr uint32_t kResetAcc = 8u;
 constexpr uint32_t kMaximize = 16u;
 constexpr uint32_t kFreshMomentum = 32u;
+constexpr uint32_t kNarrowNorm = 64u;  // norm launches: the tensor computes in float32 (see keras_sum_squares)
 
 enum class Combo : int32_t { f32 = 0, f64 = 1, f16_f32 = 2, f16_f16 = 3, bf16_f32 = 4, bf16_bf16 = 5 };
 constexpr int kNumCombos = 6;
@@ -266,7 +267,9 @@ struct TensorNormStage {
                                 Pair* sums, double* clip) {
     const int64_t row = meta.tensors[b].aux;
     sums[row] = sum;
-    if (per_tensor) math::clipnorm_coeffs<double>(sum.a, clipnorm, clip[2 * row], clip[2 * row + 1]);
+    if (per_tensor)
+      math::clipnorm_coeffs<double>(math::keras_sum_squares(sum.a, (meta.tensors[b].flags & kNarrowNorm) != 0),
+                                    clipnorm, clip[2 * row], clip[2 * row + 1]);
   }
 };
 
@@ -277,8 +280,8 @@ struct GlobalNormStage {
     for (int32_t r = 0; r < rows; ++r) t += sums[r].a;
     return t;
   }
-  static FASTSGD_HD void finish(double sum, double clipnorm, double* clip) {
-    clip[0] = math::global_clip_scale<double>(sum, clipnorm);
+  static FASTSGD_HD void finish(double sum, double clipnorm, bool narrow, double* clip) {
+    clip[0] = math::global_clip_scale<double>(math::keras_sum_squares(sum, narrow), clipnorm);
     clip[1] = 1.0;
   }
 };

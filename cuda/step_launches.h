@@ -52,12 +52,15 @@ inline bool host_clip_coefficients(detail::StepPlan& plan) {
     for (size_t t = 0; t < plan.tasks.size(); ++t) {
       detail::PassTask& task = plan.tasks[t];
       if (task.kind != PassKind::update) continue;
-      math::clipnorm_coeffs<double>(plan.measured.task_sums[t], plan.clipnorm, task.ts.clip_mul, task.ts.clip_div);
+      math::clipnorm_coeffs<double>(math::keras_sum_squares(plan.measured.task_sums[t],
+                                                            task.var_dtype != DType::float64),
+                                    plan.clipnorm, task.ts.clip_mul, task.ts.clip_div);
     }
     return true;
   }
   const double sum = plan.external_global ? plan.global_sum_squares : plan.measured.total;
-  const double scale = math::global_clip_scale<double>(sum, plan.clipnorm);
+  const double scale =
+      math::global_clip_scale<double>(math::keras_sum_squares(sum, plan.narrow_global_norm), plan.clipnorm);
   for (detail::PassTask& task : plan.tasks) {
     task.ts.clip_mul = scale;
     task.ts.clip_div = 1.0;
@@ -169,7 +172,7 @@ class StepLaunches {
       const Combo c = combo_of(t.var_dtype, t.slot_dtype);
       LaunchMeta& meta = open_launch(int(c), c, t);
       row_task.push_back(i);
-      add_task(meta, t, c, norm_rows++, 0u, none);
+      add_task(meta, t, c, norm_rows++, c == Combo::f64 ? 0u : kNarrowNorm, none);
     }
     norm_count = used_;
     // Chunk partials of launch i follow those of launch i - 1.
@@ -225,7 +228,7 @@ inline void collect_measure(const StepLaunches& L, const Pair* rows, detail::Gra
 // Runs a packed step with a runner that provides
 //   sum_squares(Combo, bool merge, const LaunchMeta&, const StepScalars&)
 //   tensor_norms(const LaunchMeta&, bool per_tensor, double clipnorm)
-//   global_clip(int32_t rows, double clipnorm)
+//   global_clip(int32_t rows, double clipnorm, bool narrow)
 //   pass(Combo, const PassVariant&, const LaunchMeta&, const StepScalars&, bool uses_clip_table)
 template <class Runner>
 void run_step(const StepLaunches& L, Runner& r) {
@@ -235,7 +238,7 @@ void run_step(const StepLaunches& L, Runner& r) {
     for (size_t i = 0; i < L.norm_count; ++i)
       r.sum_squares(L.norm(i).combo, p.features.merge_window, L.norm(i).meta, p.scalars);
     for (size_t i = 0; i < L.norm_count; ++i) r.tensor_norms(L.norm(i).meta, per_tensor, p.clipnorm);
-    if (!per_tensor) r.global_clip(L.norm_rows, p.clipnorm);
+    if (!per_tensor) r.global_clip(L.norm_rows, p.clipnorm, p.narrow_global_norm);
   }
   for (size_t i = 0; i < L.pass_count; ++i) {
     const Launch& l = L.pass(i);

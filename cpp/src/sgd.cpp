@@ -134,6 +134,17 @@ void validate(const Options& o) {
   finite_or_none("clipvalue", o.clipvalue);
   finite_or_none("global_clipnorm", o.global_clipnorm);
   finite_or_none("loss_scale_factor", o.loss_scale_factor);
+  if (o.convention == Convention::keras) {
+    // Keras keeps thresholds in float32: beyond its range every clipped step would be NaN.
+    auto float32_or_none = [](const char* name, const std::optional<double>& v) {
+      if (v && std::fabs(*v) > double(std::numeric_limits<float>::max()))
+        throw ValueError(std::string("`") + name + "` must fit in float32 (at most 3.4028235e+38), as Keras keeps "
+                         "it in float32. Received: " + name + "=" + repr(v));
+    };
+    float32_or_none("clipnorm", o.clipnorm);
+    float32_or_none("clipvalue", o.clipvalue);
+    float32_or_none("global_clipnorm", o.global_clipnorm);
+  }
   if (o.loss_scale_factor && !(*o.loss_scale_factor > 0))
     throw ValueError("`loss_scale_factor` must be a positive float or None. Received: loss_scale_factor=" +
                      repr(o.loss_scale_factor));
@@ -452,6 +463,7 @@ void SGD::plan_step(const StepRequest& r, bool update_call, bool touches_all) {
   plan.measured_valid = false;
 
   plan.tasks.clear();
+  plan.narrow_global_norm = false;
   for (size_t i = 0; i < n; ++i) {
     detail::PassTask t;
     if (r.grads[i].data) {
@@ -486,6 +498,7 @@ void SGD::plan_step(const StepRequest& r, bool update_call, bool touches_all) {
                                                  : momentum_started_[i] == 0;
     }
     if (t.numel > 0) plan.tasks.push_back(t);
+    if (t.kind == PassKind::update && t.var_dtype != DType::float64) plan.narrow_global_norm = true;
   }
 }
 

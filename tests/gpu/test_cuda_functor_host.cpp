@@ -88,8 +88,8 @@ struct HostRunner {
     }
   }
 
-  void global_clip(int32_t rows, double clipnorm) {
-    gpu::GlobalNormStage::finish(gpu::GlobalNormStage::total(rows, sums), clipnorm, clip);
+  void global_clip(int32_t rows, double clipnorm, bool narrow) {
+    gpu::GlobalNormStage::finish(gpu::GlobalNormStage::total(rows, sums), clipnorm, narrow, clip);
   }
 
   void pass(Combo c, const PassVariant& v, const LaunchMeta& meta, const StepScalars& s, bool uses_clip) {
