@@ -97,8 +97,8 @@ int main() {
     std::vector<float> grad_w(kFeatures), grad_b(1);
 
     fastsgd::Options options;
-    options.momentum = 0.9;
-    options.weight_decay = 1e-3;
+    options.group.momentum = 0.9;
+    options.group.weight_decay = 1e-3;
     options.use_ema = true;
     options.ema_momentum = 0.99;
     fastsgd::SGD sgd(options);
