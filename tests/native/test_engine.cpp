@@ -918,6 +918,29 @@ void validation_messages() {
   CHECK(s.raw_iterations() == 0);
 }
 
+// The momentum slots an engine allocates when a group first asks for momentum are built
+// state too: a refused step must not leave them behind, and neither may a skipped one.
+void refused_step_allocates_nothing() {
+  Options o;
+  o.skip_nonfinite = true;
+  std::vector<float> w(8, 1.0f), g(8, 0.5f), bad(8, INFINITY);
+  SGD sgd(o);
+  sgd.build({view(w)});
+  Group m;
+  m.momentum = 0.9;
+  sgd.set_group(0, m);
+  CHECK(!sgd.has_slot(SlotKind::momentum));
+  // The gradient is the variable itself: refused (overlap) ...
+  CHECK_THROWS(ValueError, sgd.step({view(w)}, {view(w)}, 0.1));
+  CHECK_MSG(!sgd.has_slot(SlotKind::momentum), "a refused step allocated the momentum slots");
+  // ... and a skipped step changes nothing either.
+  CHECK(sgd.step({view(w)}, {view(bad)}, 0.1).skipped);
+  CHECK_MSG(!sgd.has_slot(SlotKind::momentum), "a skipped step allocated the momentum slots");
+  CHECK(sgd.raw_iterations() == 0);
+  CHECK_NOTHROW(sgd.step({view(w)}, {view(g)}, 0.1));
+  CHECK(sgd.has_slot(SlotKind::momentum));
+}
+
 // The iteration counter never wraps: at its largest value a step is refused.
 void iterations_at_the_limit() {
   std::vector<float> w(3, 1.0f), g(3, 1.0f);
@@ -960,5 +983,6 @@ int main() {
   two_phase_norms(true);
   validation_messages();
   iterations_at_the_limit();
+  refused_step_allocates_nothing();
   return check::finish("test_engine");
 }
