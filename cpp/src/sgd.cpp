@@ -16,15 +16,30 @@ namespace {
 
 std::string describe(const char* what, size_t i) { return std::string(what) + "[" + std::to_string(i) + "]"; }
 
-// A double as Python's repr writes it (shortest round trip, "1.0" rather than "1").
+// A double as Python's repr writes it: the shortest round-trip digits, positional for
+// decimal exponents in [-4, 16), else scientific with a two-digit exponent ("1e-05").
 std::string repr(double v) {
   if (std::isnan(v)) return "nan";
   if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
   char buf[64];
-  auto res = std::to_chars(buf, buf + sizeof(buf), v);
-  std::string s(buf, res.ptr);
-  if (s.find_first_of(".e") == std::string::npos) s += ".0";
-  return s;
+  const auto res = std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::scientific);
+  const std::string sci(buf, res.ptr);  // [-]d[.ddd]e(+|-)xx
+  const size_t e = sci.find('e');
+  const bool negative = sci[0] == '-';
+  std::string digits;
+  for (size_t i = negative ? 1 : 0; i < e; ++i)
+    if (sci[i] != '.') digits += sci[i];
+  const int exponent = std::stoi(sci.substr(e + 1));
+  std::string out = negative ? "-" : "";
+  if (exponent < -4 || exponent >= 16) {
+    out += digits.substr(0, 1);
+    if (digits.size() > 1) out += "." + digits.substr(1);
+    const int a = exponent < 0 ? -exponent : exponent;
+    return out + (exponent < 0 ? "e-" : "e+") + (a < 10 ? "0" : "") + std::to_string(a);
+  }
+  if (exponent < 0) return out + "0." + std::string(size_t(-exponent - 1), '0') + digits;
+  if (digits.size() <= size_t(exponent) + 1) return out + digits + std::string(size_t(exponent) + 1 - digits.size(), '0') + ".0";
+  return out + digits.substr(0, size_t(exponent) + 1) + "." + digits.substr(size_t(exponent) + 1);
 }
 std::string repr(const std::optional<double>& v) { return v ? repr(*v) : "None"; }
 std::string repr(const std::optional<int64_t>& v) { return v ? std::to_string(*v) : "None"; }
@@ -309,6 +324,10 @@ void SGD::write_slot(SlotKind kind, size_t i, const void* host_src) {
 
 void SGD::set_stream(uintptr_t stream) {
   if (built_) impl_->backend->set_stream(stream);
+}
+
+void SGD::wait_for_stream(uintptr_t producer_stream) {
+  if (built_) impl_->backend->wait_for_stream(producer_stream);
 }
 
 // Every check of a step, in one place, before anything is written.

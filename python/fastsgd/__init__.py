@@ -11,6 +11,7 @@ Keras-shaped facade, the learning-rate schedules and a plain NumPy reference.
 from . import _core, schedules
 from ._cmake import get_cmake_dir, get_include
 from ._core import __version__
+from .conventions import keras_velocity_to_torch, torch_buffer_to_keras
 from .optimizer import SGD
 
 
@@ -29,5 +30,5 @@ def set_num_threads(threads: int) -> None:
     _core.set_num_threads(int(threads))
 
 
-__all__ = ["SGD", "schedules", "cpu_info", "cuda_info", "set_num_threads", "get_cmake_dir", "get_include",
+__all__ = ["SGD", "schedules", "keras_velocity_to_torch", "torch_buffer_to_keras", "cpu_info", "cuda_info", "set_num_threads", "get_cmake_dir", "get_include",
            "__version__"]

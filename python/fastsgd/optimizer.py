@@ -99,6 +99,9 @@ class SGD:
         name: the optimizer's name ("sgd", "sgd_1", ... by default).
         slot_dtype: "float32" (default) keeps the slots of float16/bfloat16 variables in float32;
             "variable" keeps them in the variable's dtype.
+        skip_nonfinite: if True, a call whose gradients (after unscaling and accumulation) hold an
+            Inf or NaN changes nothing at all: variables, slots, EMA and ``iterations`` stay as
+            they were, and ``skipped_steps`` counts it. Off by default, as in Keras.
         **kwargs: ``jit_compile`` and TF-Keras's ``is_legacy_optimizer`` are accepted and unused;
             ``lr`` is a deprecated alias of ``learning_rate``; ``decay`` is ignored with a warning.
 
@@ -127,6 +130,7 @@ class SGD:
         gradient_accumulation_steps: Optional[int] = None,
         name: Optional[str] = None,
         slot_dtype: str = "float32",
+        skip_nonfinite: bool = False,
         **kwargs: Any,
     ) -> None:
         unknown = sorted(set(kwargs) - _LEGACY_KWARGS)
@@ -171,6 +175,7 @@ class SGD:
         if slot_dtype not in ("float32", "variable"):
             raise ValueError(f"`slot_dtype` must be 'float32' or 'variable', got {slot_dtype!r}")
         self.slot_dtype = slot_dtype
+        self.skip_nonfinite = bool(skip_nonfinite)
         self.name = name if name is not None else _auto_name("sgd")
 
         self._set_learning_rate(learning_rate, initial=True)
@@ -198,6 +203,7 @@ class SGD:
         options.loss_scale_factor = self.loss_scale_factor
         options.gradient_accumulation_steps = self.gradient_accumulation_steps
         options.slots_in_variable_dtype = self.slot_dtype == "variable"
+        options.skip_nonfinite = self.skip_nonfinite
         return options
 
     def _set_learning_rate(self, value: Any, initial: bool = False) -> None:
@@ -236,6 +242,12 @@ class SGD:
     def iterations(self) -> int:
         """Completed update steps (apply() calls, divided by gradient_accumulation_steps)."""
         return int(self._engine.iterations)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Calls skipped because their gradients held an Inf or NaN (``skip_nonfinite``) or
+        because ``found_inf`` said so; they count nowhere else."""
+        return int(self._engine.skipped_steps)
 
     @property
     def built(self) -> bool:
@@ -293,7 +305,8 @@ class SGD:
     # ---- the step -------------------------------------------------------------------------
 
     def apply(self, grads: Iterable, trainable_variables: Optional[Iterable] = None, *,
-              stream: Optional[int] = None) -> None:
+              stream: Optional[int] = None, grad_scale: float = 1.0, found_inf: Optional[bool] = None,
+              global_sum_squares: Optional[float] = None) -> None:
         """Applies one step: updates ``trainable_variables`` in place with ``grads``.
 
         ``grads[i]`` belongs to ``trainable_variables[i]``; a None gradient leaves its variable
@@ -301,6 +314,13 @@ class SGD:
         used. ``stream`` is the CUDA stream (an int handle) to launch on for CUDA tensors.
         Every input is checked before anything is written: on error, variables, slots and
         ``iterations`` are unchanged.
+
+        Inputs decided outside this process (a GradScaler, an all-reduce across ranks):
+        ``grad_scale`` multiplies every gradient first (``g * grad_scale``, e.g. ``1 / scale``);
+        ``found_inf=True`` skips the call as ``skip_nonfinite`` would (``False``: no local check);
+        ``global_sum_squares`` is the squared global gradient norm over all ranks (the sum of
+        every rank's ``grad_stats(...).total``), used by ``global_clipnorm`` instead of the
+        local one.
         """
         if not isinstance(grads, (list, tuple)):
             grads = list(grads)
@@ -318,7 +338,10 @@ class SGD:
         engine = self._engine
         lr = self._current_learning_rate() if engine.update_is_due else 0.0
         _, _, missing = engine.step(grads, variables, learning_rate=lr,
-                                    stream=None if stream is None else int(stream))
+                                    stream=None if stream is None else int(stream), grad_scale=float(grad_scale),
+                                    found_inf=None if found_inf is None else bool(found_inf),
+                                    global_sum_squares=None if global_sum_squares is None
+                                    else float(global_sum_squares))
         if missing:
             warnings.warn(f"Gradients do not exist for {missing} variable(s) when applying this step; "
                           "those variables are left out of the update", stacklevel=2)
@@ -328,6 +351,24 @@ class SGD:
                 self._increment_version(self._variables if variables is None else variables)
             else:
                 self._increment_version([v for v in variables if _is_torch(v)])
+
+    def grad_stats(self, grads: Iterable, trainable_variables: Optional[Iterable] = None, *,
+                   grad_scale: float = 1.0) -> "_core.GradStats":
+        """What the next ``apply`` would measure, without changing anything: per variable and in
+        total, the sum of squares of the effective gradient (unscaled, and merged with the
+        accumulator at the end of a window), and whether any element is Inf or NaN.
+
+        The sums are deterministic (fixed blocks, fixed order). For a model sharded over ranks,
+        all-reduce ``total`` and ``nonfinite`` and pass them to ``apply(global_sum_squares=...,
+        found_inf=...)``: ``global_clipnorm`` and the skip then act on the whole model.
+        """
+        grads = list(grads)
+        variables = None if trainable_variables is None else list(trainable_variables)
+        if not self.built:
+            if variables is None:
+                raise ValueError("The first call to grad_stats() must pass trainable_variables")
+            self.build(variables)
+        return self._engine.grad_stats(grads, variables, grad_scale=float(grad_scale))
 
     def apply_gradients(self, grads_and_vars: Iterable) -> int:
         """Keras's ``apply_gradients(zip(grads, vars))``. Like Keras, returns the raw call
@@ -429,6 +470,9 @@ class SGD:
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "momentum": self.momentum,
             "nesterov": self.nesterov,
+            # fastsgd's own arguments, only when set: keras.optimizers.SGD refuses unknown keys.
+            **({"slot_dtype": self.slot_dtype} if self.slot_dtype != "float32" else {}),
+            **({"skip_nonfinite": True} if self.skip_nonfinite else {}),
         }
 
     @classmethod

@@ -259,6 +259,43 @@ std::string shape_str(const Imported& t) {
   return s + ")";
 }
 
+// A record (Group, Options) with the fields named in `kwargs` assigned; TypeError for an
+// unknown name or a value of the wrong type.
+template <class Record>
+Record assign_fields(Record record, const py::kwargs& kwargs, const char* type) {
+  size_t used = 0;
+  Record::fields([&](const char* name, auto member, const char*) {
+    if (!kwargs.contains(name)) return;
+    using T = std::decay_t<decltype(record.*member)>;
+    try {
+      record.*member = kwargs[name].template cast<T>();
+    } catch (const py::cast_error&) {
+      throw TypeError(std::string(type) + "." + name + " cannot be set from a " + type_name(kwargs[name]));
+    }
+    ++used;
+  });
+  if (used != kwargs.size()) {
+    for (auto item : kwargs) {
+      bool known = false;
+      const std::string key = py::str(item.first);
+      Record::fields([&](const char* name, auto, const char*) { known = known || key == name; });
+      if (!known) throw TypeError(std::string(type) + "() got an unexpected keyword argument '" + key + "'");
+    }
+  }
+  return record;
+}
+
+template <class Record>
+std::string record_repr(const Record& record, const char* type) {
+  std::string out = std::string(type) + "(";
+  bool first = true;
+  Record::fields([&](const char* name, auto member, const char*) {
+    out += std::string(first ? "" : ", ") + name + "=" + py::repr(py::cast(record.*member)).template cast<std::string>();
+    first = false;
+  });
+  return out + ")";
+}
+
 // The engine as Python sees it: variables are matched to slots by identity, as Keras does,
 // and each call imports what it is given. Every object imported for a step is held until the
 // native step has ended, so another thread dropping its last reference cannot free a buffer
@@ -547,43 +584,19 @@ PYBIND11_MODULE(_core, m) {
       .value("average", SlotKind::average)
       .value("accumulator", SlotKind::accumulator);
 
-  py::class_<Group>(m, "Group", "One parameter group's hyper-parameters.")
-      .def(py::init([](double learning_rate, double momentum, double dampening, bool nesterov, double weight_decay,
-                       std::optional<DecayForm> decay_form, bool maximize) {
-             return Group{learning_rate, momentum, dampening, nesterov, weight_decay, decay_form, maximize};
-           }),
-           py::kw_only(), py::arg("learning_rate") = 0.01, py::arg("momentum") = 0.0, py::arg("dampening") = 0.0,
-           py::arg("nesterov") = false, py::arg("weight_decay") = 0.0, py::arg("decay_form") = py::none(),
-           py::arg("maximize") = false)
-      .def_readwrite("learning_rate", &Group::learning_rate)
-      .def_readwrite("momentum", &Group::momentum)
-      .def_readwrite("dampening", &Group::dampening)
-      .def_readwrite("nesterov", &Group::nesterov)
-      .def_readwrite("weight_decay", &Group::weight_decay)
-      .def_readwrite("decay_form", &Group::decay_form)
-      .def_readwrite("maximize", &Group::maximize)
-      .def("__repr__", [](const Group& g) {
-        return "Group(learning_rate=" + std::to_string(g.learning_rate) + ", momentum=" + std::to_string(g.momentum) +
-               ", dampening=" + std::to_string(g.dampening) + ", nesterov=" + (g.nesterov ? "True" : "False") +
-               ", weight_decay=" + std::to_string(g.weight_decay) + ", maximize=" + (g.maximize ? "True" : "False") +
-               ")";
-      });
+  // Both records are bound field by field from their own lists in sgd.h: a new
+  // hyper-parameter needs no edit here.
+  py::class_<Group> group(m, "Group", "One parameter group's hyper-parameters.");
+  group.def(py::init([](const py::kwargs& kwargs) { return assign_fields(Group{}, kwargs, "Group"); }),
+            "Group(**fields): unknown names raise TypeError.");
+  Group::fields([&](const char* name, auto member, const char* doc) { group.def_readwrite(name, member, doc); });
+  group.def("__repr__", [](const Group& g) { return record_repr(g, "Group"); });
 
-  py::class_<Options>(m, "Options", "The engine's hyper-parameters; None leaves an optional feature off.")
-      .def(py::init<>())
-      .def_readwrite("convention", &Options::convention)
-      .def_readwrite("group", &Options::group, "group 0's hyper-parameters")
-      .def_readwrite("clipnorm", &Options::clipnorm)
-      .def_readwrite("clipvalue", &Options::clipvalue)
-      .def_readwrite("global_clipnorm", &Options::global_clipnorm)
-      .def_readwrite("use_ema", &Options::use_ema)
-      .def_readwrite("ema_momentum", &Options::ema_momentum)
-      .def_readwrite("ema_overwrite_frequency", &Options::ema_overwrite_frequency)
-      .def_readwrite("loss_scale_factor", &Options::loss_scale_factor)
-      .def_readwrite("gradient_accumulation_steps", &Options::gradient_accumulation_steps)
-      .def_readwrite("slots_in_variable_dtype", &Options::slots_in_variable_dtype)
-      .def_readwrite("caller_owned_slots", &Options::caller_owned_slots)
-      .def_readwrite("skip_nonfinite", &Options::skip_nonfinite);
+  py::class_<Options> options(m, "Options", "The engine's hyper-parameters; None leaves an optional feature off.");
+  options.def(py::init([](const py::kwargs& kwargs) { return assign_fields(Options{}, kwargs, "Options"); }),
+              "Options(**fields): unknown names raise TypeError.");
+  Options::fields([&](const char* name, auto member, const char* doc) { options.def_readwrite(name, member, doc); });
+  options.def("__repr__", [](const Options& o) { return record_repr(o, "Options"); });
   m.def("validate", [](const Options& o) { validate(o); }, py::arg("options"),
         "Raises ValueError when a hyper-parameter is out of range (Keras's or torch's wording).");
 

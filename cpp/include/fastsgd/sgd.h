@@ -34,6 +34,18 @@ struct Group {
   double weight_decay = 0.0;              // >= 0; 0 disables
   std::optional<DecayForm> decay_form;    // unset: decoupled under keras, l2 under torch
   bool maximize = false;                  // ascend instead of descend: g = -g
+
+  // Every field once, for bindings and serialisers: f(name, member pointer, description).
+  template <class F>
+  static void fields(F&& f) {
+    f("learning_rate", &Group::learning_rate, "step size (a step's learning_rate may override it)");
+    f("momentum", &Group::momentum, "momentum factor");
+    f("dampening", &Group::dampening, "torch convention: b = m*b + (1 - dampening)*g");
+    f("nesterov", &Group::nesterov, "Nesterov momentum");
+    f("weight_decay", &Group::weight_decay, "weight decay factor (0 disables)");
+    f("decay_form", &Group::decay_form, "DecayForm.decoupled or DecayForm.l2; None: the convention's own");
+    f("maximize", &Group::maximize, "ascend the objective (g = -g)");
+  }
 };
 
 // Hyper-parameters. Zero (or a non-positive value) disables an optional feature, as in Keras.
@@ -57,6 +69,24 @@ struct Options {
   bool caller_owned_slots = false;
   // A step whose effective gradients hold an Inf or NaN changes nothing (see StepResult).
   bool skip_nonfinite = false;
+
+  // Every field once, for bindings and serialisers: f(name, member pointer, description).
+  template <class F>
+  static void fields(F&& f) {
+    f("convention", &Options::convention, "Convention.keras or Convention.torch");
+    f("group", &Options::group, "group 0's hyper-parameters");
+    f("clipnorm", &Options::clipnorm, "per-tensor L2 clip, or None");
+    f("clipvalue", &Options::clipvalue, "element clip into [-clipvalue, clipvalue], or None");
+    f("global_clipnorm", &Options::global_clipnorm, "L2 clip over all gradients of a step, or None");
+    f("use_ema", &Options::use_ema, "keep an exponential moving average of the variables");
+    f("ema_momentum", &Options::ema_momentum, "the average's momentum, in [0, 1]");
+    f("ema_overwrite_frequency", &Options::ema_overwrite_frequency, "copy averages into variables every N steps");
+    f("loss_scale_factor", &Options::loss_scale_factor, "gradients are divided by it first, or None");
+    f("gradient_accumulation_steps", &Options::gradient_accumulation_steps, "update every N calls (N >= 2)");
+    f("slots_in_variable_dtype", &Options::slots_in_variable_dtype, "16-bit variables keep 16-bit slots");
+    f("caller_owned_slots", &Options::caller_owned_slots, "every step passes the slots; the engine owns none");
+    f("skip_nonfinite", &Options::skip_nonfinite, "a step with Inf/NaN gradients changes nothing");
+  }
 };
 
 // Throws ValueError (Keras's or torch's wording) for a value out of range.
@@ -187,6 +217,10 @@ class SGD {
   // CUDA stream (a cudaStream_t as an integer) for later steps; 0 is the default stream.
   // Ignored for CPU variables.
   void set_stream(uintptr_t stream);
+  // The next step's launches also wait for the work queued so far on `producer_stream` (the
+  // stream that produced the gradients, when the step runs on another one). Ignored for CPU
+  // variables.
+  void wait_for_stream(uintptr_t producer_stream);
 
   // Copies every EMA average into its variable (Keras finalize_variable_values).
   void finalize_variable_values(const std::vector<TensorView>& variables);
