@@ -440,6 +440,34 @@ class KerasSGD(Peer):
         self.opt.apply(self.grads, self.vars)
 
 
+class FastSGDKeras(KerasSGD):
+    """fastsgd.keras.SGD (the Keras 3 optimizer of model.fit): the same keras.Variables and
+    opt.apply(grads, vars) as the keras peer, one native call per step."""
+
+    name = "fastsgd.keras"
+
+    @staticmethod
+    def available() -> Optional[str]:
+        reason = KerasSGD.available()
+        if reason:
+            return reason
+        try:
+            import fastsgd.keras  # noqa: F401
+        except Exception as e:
+            return f"import fastsgd.keras failed: {e}"
+        return None
+
+    def __init__(self, data: Data, config: dict) -> None:
+        Peer.__init__(self, data, config)
+        import keras
+
+        import fastsgd.keras
+
+        self.vars = [keras.Variable(w.copy()) for w in data.w]
+        self.grads = data.tg
+        self.opt = fastsgd.keras.SGD(learning_rate=LR, **config)
+
+
 # ---- optax (only when jax and optax are importable) -------------------------------------------
 
 
@@ -496,5 +524,6 @@ class Optax(Peer):
 
 
 #: Every peer, in report order.
-PEERS: list = [CLoop, FastSGD, FastSGDTorch, FastSGDTorchOptimizer, TorchForLoop, TorchForeach, TorchFused, KerasSGD, NaiveNumPy, Optax]
+PEERS: list = [CLoop, FastSGD, FastSGDTorch, FastSGDTorchOptimizer, TorchForLoop, TorchForeach, TorchFused, KerasSGD,
+               FastSGDKeras, NaiveNumPy, Optax]
 PEER_BY_NAME: dict = {p.name: p for p in PEERS}

@@ -1,8 +1,15 @@
 // The CUDA backend: slot memory on one device, and the execution of a StepPlan as a few
 // multi-tensor kernel launches on the caller's stream (step_launches.h says which, in which
-// order). No host synchronisation in a step: norm clipping keeps its sums and coefficients in
-// device memory. Device scratch (norm partials) lives here and grows only when a step needs
-// more than any step before.
+// order). No host synchronisation in execute(): norm clipping keeps its sums and coefficients
+// in device memory, or takes coefficients the host already has (sums measured this step, a
+// global sum computed outside) as kernel arguments. measure() is the one exception: the
+// engine needs its sums and non-finite flag on the host (grad_stats, skip_nonfinite), so it
+// copies them out and synchronises the stream. Device scratch (norm partials) lives here and
+// grows only when a step needs more than any step before.
+//
+// CUDA graph capture is refused (ValueError naming the stream): a captured step would keep
+// the learning rate, EMA factors and accumulation phase of the capturing call in its kernel
+// arguments and replays would not advance the engine's counters.
 //
 // Built against the static CUDA runtime, which loads the driver lazily: nothing here runs
 // before the first CUDA tensor is built or cuda_info() is asked, so the library loads on
@@ -10,9 +17,11 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "backend.h"
 #include "cuda_kernels.h"
@@ -96,10 +105,12 @@ class CudaBackend final : public detail::Backend {
   ~CudaBackend() override {
     if (scratch_) cudaFree(scratch_);
     if (handoff_) cudaEventDestroy(handoff_);
+    if (producer_event_) cudaEventDestroy(producer_event_);
   }
 
   void* allocate_zeroed(int64_t bytes) override {
     DeviceGuard guard(device_);
+    refuse_capture(stream_);
     void* p = nullptr;
     const size_t size = size_t(bytes > 0 ? bytes : 1);
     const cudaError_t e = cudaMalloc(&p, size);
@@ -146,56 +157,127 @@ class CudaBackend final : public detail::Backend {
     check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
   }
 
+  // Sums of squares and the non-finite flag of every task with a gradient, copied to the
+  // host: this synchronises the launch stream (the engine decides on the host).
+  void measure(detail::StepPlan& plan) override {
+    DeviceGuard guard(device_);
+    refuse_capture(stream_);
+    launches_.build_measure(plan);
+    if (launches_.norm_rows > 0) {
+      check_clean();
+      order_after_last_use();
+      reserve_scratch();
+      Runner runner{this};
+      run_measure(launches_, runner);
+      used_stream(stream_);
+      const cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) fail(e, "a gradient-measuring kernel launch");
+      host_rows_.resize(size_t(launches_.norm_rows));
+      check(cudaMemcpyAsync(host_rows_.data(), sums_, host_rows_.size() * sizeof(Pair), cudaMemcpyDeviceToHost,
+                            stream_),
+            "cudaMemcpyAsync (measured sums)");
+      check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (measured sums)");
+    }
+    collect_measure(launches_, host_rows_.data(), plan.measured);
+  }
+
   void execute(detail::StepPlan& plan) override {
     if (plan.tasks.empty()) return;
     DeviceGuard guard(device_);
-    launches_.build(plan);
+    refuse_capture(stream_);
+    const bool host_clip = host_clip_coefficients(plan);
+    launches_.build(plan, plan.norm_clip != detail::NormClip::none && !host_clip);
+    check_clean();
     order_after_last_use();
-    if (plan.norm_clip != detail::NormClip::none) reserve_scratch();
+    if (launches_.device_clip) reserve_scratch();
     Runner runner{this};
     run_step(launches_, runner);
     used_stream(stream_);
     const cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) fail(e, "a kernel launch");
+    if (e != cudaSuccess)
+      fail(e, "pass launch " + std::to_string(runner.passes) + " of " + std::to_string(launches_.pass_count) +
+                  " (the variables of earlier launches of this step may already be updated)");
   }
 
   void set_stream(uintptr_t stream) override { stream_ = reinterpret_cast<cudaStream_t>(stream); }
 
+  void wait_for_stream(uintptr_t producer) override {
+    const auto s = reinterpret_cast<cudaStream_t>(producer);
+    DeviceGuard guard(device_);
+    refuse_capture(s);
+    if (!producer_event_)
+      check(cudaEventCreateWithFlags(&producer_event_, cudaEventDisableTiming), "cudaEventCreate");
+    check(cudaEventRecord(producer_event_, s), "cudaEventRecord (producer stream)");
+    producer_pending_ = true;
+  }
+
  private:
   // Launches through the kernel table, with the scratch tables of this backend.
+  // A launch failure stops the sequence at once (the step is then reported as failed).
   struct Runner {
     CudaBackend* self;
+    size_t passes = 0;
     void sum_squares(Combo c, bool merge, const LaunchMeta& meta, const StepScalars& s) {
       launchers(c).sum_squares(merge, meta, s, self->partials_, self->stream_);
     }
     void tensor_norms(const LaunchMeta& meta, bool per_tensor, double clipnorm) {
       launch_tensor_norms(meta, per_tensor, clipnorm, self->partials_, self->sums_, self->clip_, self->stream_);
     }
-    void global_clip(int32_t rows, double clipnorm) {
-      launch_global_clip(rows, clipnorm, self->sums_, self->clip_, self->stream_);
+    void global_clip(int32_t rows, double clipnorm, bool narrow) {
+      launch_global_clip(rows, clipnorm, narrow, self->sums_, self->clip_, self->stream_);
     }
     void pass(Combo c, const PassVariant& v, const LaunchMeta& meta, const StepScalars& s, bool uses_clip) {
+      const cudaError_t before = cudaPeekAtLastError();
+      if (before != cudaSuccess) return;  // reported by execute() with the launch count
       launchers(c).pass(v, meta, s, uses_clip ? self->clip_ : nullptr, self->stream_);
+      ++passes;
     }
   };
 
+  // An error left by an earlier call (e.g. a sticky launch failure) fails the step before it
+  // writes anything.
+  static void check_clean() {
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) fail(e, "an earlier CUDA call (nothing of this step ran)");
+  }
+
+  [[noreturn]] static void refuse_captured(cudaStream_t s) {
+    char handle[32];
+    std::snprintf(handle, sizeof(handle), "0x%llx", static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(s)));
+    throw ValueError(std::string("stream ") + handle +
+                     " is capturing a CUDA graph: fastsgd cannot be captured, because a replay would reuse "
+                     "the learning rate, EMA factors and accumulation phase of the captured call and would not "
+                     "advance the optimizer's iteration counters; run the optimizer step outside the capture");
+  }
+
+  static void refuse_capture(cudaStream_t s) {
+    if (capturing(s)) refuse_captured(s);
+  }
+
   // Work we enqueued earlier (steps, slot zeroing and copies) touched the slots and the
-  // scratch; when the caller switches streams, the new stream waits for the old one.
-  // Inside CUDA graph capture the handoff is skipped: touching another (possibly legacy)
-  // stream would invalidate the capture, and capture already requires the caller to have
-  // ordered the warm-up work before it.
+  // scratch; when the caller switches streams, the new stream waits for the old one. The
+  // producer's stream (wait_for_stream) is waited for once, by the next launches.
+  // Note: if the last stream was destroyed since, cudaEventRecord on it is an error -- the
+  // caller must keep a stream alive until work queued on it by a step is ordered elsewhere.
   void order_after_last_use() {
-    if (!has_last_ || last_stream_ == stream_ || capturing()) return;
+    if (producer_pending_) {
+      check(cudaStreamWaitEvent(stream_, producer_event_, 0), "cudaStreamWaitEvent (producer stream)");
+      producer_pending_ = false;
+    }
+    if (!has_last_ || last_stream_ == stream_) return;
     if (!handoff_) check(cudaEventCreateWithFlags(&handoff_, cudaEventDisableTiming), "cudaEventCreate");
     check(cudaEventRecord(handoff_, last_stream_), "cudaEventRecord");
     check(cudaStreamWaitEvent(stream_, handoff_, 0), "cudaStreamWaitEvent");
   }
 
-  bool capturing() const {
+  // Whether `s` is capturing; querying the legacy stream while another stream of the device
+  // captures in global mode is itself an error, which also means a capture is going on.
+  static bool capturing(cudaStream_t s) {
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing(stream_, &status) != cudaSuccess) {
+    const cudaError_t e = cudaStreamIsCapturing(s, &status);
+    if (e != cudaSuccess) {
       cudaGetLastError();
-      return false;
+      return e == cudaErrorStreamCaptureImplicit || e == cudaErrorStreamCaptureUnsupported;
     }
     return status != cudaStreamCaptureStatusNone;
   }
@@ -207,12 +289,10 @@ class CudaBackend final : public detail::Backend {
 
   // Partials (one per chunk), per-tensor sums and the clip table, in one allocation.
   void reserve_scratch() {
-    const size_t need = size_t(launches_.norm_chunks) + size_t(launches_.norm_rows) + 2 * size_t(launches_.clip_rows());
+    // In doubles: two per chunk partial and per row, two per clip row.
+    const size_t need =
+        2 * size_t(launches_.norm_chunks) + 2 * size_t(launches_.norm_rows) + 2 * size_t(launches_.clip_rows());
     if (need > scratch_doubles_) {
-      if (capturing())
-        throw std::runtime_error(
-            "fastsgd: a norm-clipped step needs more device scratch than earlier steps, which cannot be "
-            "allocated during CUDA graph capture; run one step with the same variables before capturing");
       if (scratch_) {
         // Earlier steps may still read it; only happens when a step outgrows all before it.
         check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
@@ -226,9 +306,9 @@ class CudaBackend final : public detail::Backend {
       scratch_ = static_cast<double*>(p);
       scratch_doubles_ = grown;
     }
-    partials_ = scratch_;
+    partials_ = reinterpret_cast<Pair*>(scratch_);
     sums_ = partials_ + launches_.norm_chunks;
-    clip_ = sums_ + launches_.norm_rows;
+    clip_ = reinterpret_cast<double*>(sums_ + launches_.norm_rows);
   }
 
   int device_;
@@ -238,9 +318,12 @@ class CudaBackend final : public detail::Backend {
   cudaEvent_t handoff_ = nullptr;
   double* scratch_ = nullptr;
   size_t scratch_doubles_ = 0;
-  double* partials_ = nullptr;
-  double* sums_ = nullptr;
+  Pair* partials_ = nullptr;
+  Pair* sums_ = nullptr;
   double* clip_ = nullptr;
+  cudaEvent_t producer_event_ = nullptr;
+  bool producer_pending_ = false;
+  std::vector<Pair> host_rows_;  // measure(): the rows copied out
   StepLaunches launches_;
 };
 

@@ -8,7 +8,8 @@
 // kernel parameters, which a CUDA 13 build always has):
 //
 //   LaunchMeta.tensors[t]       up to kMaxTensors tensors, each with kSlots pointers, numel,
-//                               an `aux` integer and `flags` for the functor
+//                               an `aux` integer, `flags` and kTensorScalars doubles for the
+//                               functor (per-tensor hyper-parameters: no device table needed)
 //   LaunchMeta.chunk_start[t]   prefix sums of chunks: block b works on the chunk
 //                               b - chunk_start[t] of the tensor t with
 //                               chunk_start[t] <= b < chunk_start[t + 1]
@@ -38,6 +39,7 @@ constexpr int kILP = 4;
 constexpr int kChunk = 16384;  // 8 block-iterations of kBlockThreads * kILP elements
 constexpr int kMaxTensors = 128;
 constexpr int kSlots = 5;
+constexpr int kTensorScalars = 6;
 constexpr int32_t kMaxChunksPerLaunch = 1 << 30;
 
 // `#pragma unroll` for nvcc; host compilers unroll the kILP loops on their own.
@@ -58,6 +60,7 @@ struct TensorMeta {
   int64_t numel;
   int32_t aux;        // functor-defined index (e.g. a row of a device table), -1 for none
   uint32_t flags;     // kAligned | functor bits
+  double scalars[kTensorScalars];  // functor-defined per-tensor values
 };
 
 struct LaunchMeta {
@@ -68,6 +71,13 @@ struct LaunchMeta {
   TensorMeta tensors[kMaxTensors];
 };
 
+// Two sums reduced side by side (e.g. a sum of squares and a non-finite probe); the element
+// type of reduction tables shared by device and host code.
+struct Pair {
+  double a, b;
+};
+
+// The largest kernel adds a pointer and a StepScalars (< 256 bytes) to the LaunchMeta.
 static_assert(sizeof(LaunchMeta) + 256 <= 32764, "kernel parameters are limited to 32,764 bytes");
 
 // Functions are compiled by nvcc (device and host passes) and by the host compiler for the
@@ -133,22 +143,29 @@ FASTSGD_HD void store_lanes(T* dst, const C (&src)[kILP], bool vector, int lanes
 
 // ---- device/host: fixed-order block reduction ---------------------------------------------
 //
-// Every thread puts its partial into buf[tid]; then, for width = kBlockThreads/2 .. 1, the
-// threads below `width` add the value `width` above them (a barrier between levels). The host
-// replays the levels in the same order (block_reduce_host), so both give identical bits.
+// Reductions carry two independent sums side by side (Pair). Every thread puts its partial
+// into buf[tid]; then, for width = kBlockThreads/2 .. 1, the threads below `width` add the
+// value `width` above them (a barrier between levels). The host replays the levels in the
+// same order (block_reduce_host), so both give identical bits.
 
-FASTSGD_HD void reduce_level(double* buf, int tid, int width) {
-  if (tid < width) buf[tid] += buf[tid + width];
+FASTSGD_HD void reduce_level(Pair* buf, int tid, int width) {
+  if (tid < width) {
+    buf[tid].a += buf[tid + width].a;
+    buf[tid].b += buf[tid + width].b;
+  }
 }
 
 // This thread's share of x[0, n): x[tid] + x[tid + kBlockThreads] + ..., in index order.
-FASTSGD_HD double strided_sum(const double* x, int64_t n, int tid) {
-  double s = 0.0;
-  for (int64_t i = tid; i < n; i += kBlockThreads) s += x[i];
+FASTSGD_HD Pair strided_sum(const Pair* x, int64_t n, int tid) {
+  Pair s{0.0, 0.0};
+  for (int64_t i = tid; i < n; i += kBlockThreads) {
+    s.a += x[i].a;
+    s.b += x[i].b;
+  }
   return s;
 }
 
-inline double block_reduce_host(double* buf) {
+inline Pair block_reduce_host(Pair* buf) {
   for (int width = kBlockThreads / 2; width > 0; width >>= 1)
     for (int tid = 0; tid < width; ++tid) reduce_level(buf, tid, width);
   return buf[0];
@@ -156,7 +173,7 @@ inline double block_reduce_host(double* buf) {
 
 #if defined(__CUDACC__)
 // buf[0] = sum of buf[0, kBlockThreads); every thread of the block must call it.
-__device__ __forceinline__ double block_reduce(double* buf, double mine) {
+__device__ __forceinline__ Pair block_reduce(Pair* buf, Pair mine) {
   const int tid = int(threadIdx.x);
   buf[tid] = mine;
   __syncthreads();
@@ -180,10 +197,10 @@ __global__ void __launch_bounds__(kBlockThreads)
 // Functor::thread_sum(meta, b, tid, args...), reduced in the fixed tree order.
 template <class Functor, class... Args>
 __global__ void __launch_bounds__(kBlockThreads)
-    multi_tensor_reduce_kernel(const __grid_constant__ LaunchMeta meta, double* __restrict__ partials,
+    multi_tensor_reduce_kernel(const __grid_constant__ LaunchMeta meta, Pair* __restrict__ partials,
                                Args... args) {
-  __shared__ double buf[kBlockThreads];
-  const double sum =
+  __shared__ Pair buf[kBlockThreads];
+  const Pair sum =
       block_reduce(buf, Functor::thread_sum(meta, int64_t(blockIdx.x), int(threadIdx.x), args...));
   if (threadIdx.x == 0) partials[meta.partial_base + blockIdx.x] = sum;
 }
@@ -214,8 +231,9 @@ inline bool launch_fits(const LaunchMeta& meta, int64_t numel) {
 // Appends a tensor (numel > 0). elem_size[s] is the element size of ptr[s]; kAligned is set
 // when every non-null pointer is aligned to kILP of its elements.
 inline void launch_add(LaunchMeta& meta, void* const (&ptr)[kSlots], const int (&elem_size)[kSlots],
-                       int64_t numel, int32_t aux, uint32_t flags) {
+                       int64_t numel, int32_t aux, uint32_t flags, const double (&scalars)[kTensorScalars]) {
   TensorMeta& t = meta.tensors[meta.count];
+  for (int k = 0; k < kTensorScalars; ++k) t.scalars[k] = scalars[k];
   bool aligned = true;
   for (int s = 0; s < kSlots; ++s) {
     t.ptr[s] = ptr[s];

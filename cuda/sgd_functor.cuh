@@ -9,19 +9,28 @@
 //   ptr[kM]    momentum slot, storage type S                      update passes with momentum
 //   ptr[kAcc]  gradient accumulator slot, storage type S          accumulation
 //   ptr[kAvg]  EMA average slot, storage type S                   use_ema
-// TensorMeta::aux    row of the device clip table: (clip_mul, clip_div) as doubles at
-//                    clip[2 * aux], clip[2 * aux + 1]; -1 when the step has no norm clip.
-//                    In sum-of-squares launches: the tensor's row of the norm tables.
-// TensorMeta::flags  kDecays (weight decay applies), kHasAvg and kResetAcc (idle passes).
+// TensorMeta::scalars  the tensor's TensorScalars (its group's learning rate, momentum,
+//                    dampening, weight decay, and clip coefficients computed on the host),
+//                    indexed by kLr .. kClipDiv.
+// TensorMeta::aux    row of the device clip table, whose (clip_mul, clip_div) then replace the
+//                    host values; -1 when the coefficients are in `scalars`. In
+//                    sum-of-squares launches: the tensor's row of the norm tables.
+// TensorMeta::flags  kDecayL2, kMaximize, kFreshMomentum (TensorScalars' booleans), and
+//                    kHasAvg, kResetAcc (idle passes).
 //
 // Storage combinations (W, S), exactly as the CPU's select_pass (cpp/src/cpu/walk.inc):
 //   (float, float) (double, double) (half_t, float) (half_t, half_t)
 //   (bfloat16_t, float) (bfloat16_t, bfloat16_t); math in float, or double for double.
 //
-// Instantiations are kept lean for compile time: PassKind, momentum kind, window merging and
-// EMA change what is read and written and are template parameters; norm clipping only
-// changes two scalars, so update passes always apply it, with (1, 1) when the step has no
-// norm clip -- (g * 1) / 1 == g exactly, so this equals the CPU's no-clip instantiation.
+// Instantiations are kept lean for compile time: the pass kind, the rule (Keras or torch),
+// the momentum kind, window merging and EMA change what is read and written or which formula
+// runs, and are template parameters. Everything else is an identity when off and is always
+// applied, which gives the same bits as the CPU's instantiations that skip it:
+//   norm clip   (g * 1) / 1 == g
+//   unscale     g * 1 == g;  clip-by-value with bounds (-inf, inf) returns g (NaN included)
+//   decay       a tensor without weight decay takes the decoupled form, w * 1 == w (the L2
+//               form fma(w, 0, g) is not an identity for w = inf or g = -0, so kDecayL2 is
+//               only set when the weight decay is nonzero).
 #pragma once
 
 #include <cstdint>
@@ -36,10 +45,17 @@ namespace gpu {
 
 enum : int { kW = 0, kG = 1, kM = 2, kAcc = 3, kAvg = 4 };
 
+// TensorMeta::scalars of SGD launches.
+enum : int { kLr = 0, kMomentum = 1, kDampening = 2, kWeightDecay = 3, kClipMul = 4, kClipDiv = 5 };
+static_assert(kClipDiv < kTensorScalars, "TensorMeta holds every per-tensor scalar");
+
 // TensorMeta::flags bits of SGD launches (bit 0 is the walk's kAligned).
-constexpr uint32_t kDecays = 2u;
+constexpr uint32_t kDecayL2 = 2u;
 constexpr uint32_t kHasAvg = 4u;
 constexpr uint32_t kResetAcc = 8u;
+constexpr uint32_t kMaximize = 16u;
+constexpr uint32_t kFreshMomentum = 32u;
+constexpr uint32_t kNarrowNorm = 64u;  // norm launches: the tensor computes in float32 (see keras_sum_squares)
 
 enum class Combo : int32_t { f32 = 0, f64 = 1, f16_f32 = 2, f16_f16 = 3, bf16_f32 = 4, bf16_bf16 = 5 };
 constexpr int kNumCombos = 6;
@@ -47,12 +63,45 @@ constexpr int kNumCombos = 6;
 // What one pass launch runs: the pass kind and the step-wide features that are compiled in.
 struct PassVariant {
   PassKind kind = PassKind::update;
+  Convention rule = Convention::keras;
   MomentumKind momentum = MomentumKind::none;
   bool merge = false;
   bool ema = false;
 };
 
+// The per-tensor half of a TensorMeta of an SGD launch, from a task's TensorScalars.
+inline void pack_tensor_scalars(const TensorScalars& ts, double (&out)[kTensorScalars], uint32_t& flags) {
+  out[kLr] = ts.learning_rate;
+  out[kMomentum] = ts.momentum;
+  out[kDampening] = ts.dampening;
+  out[kWeightDecay] = ts.weight_decay;
+  out[kClipMul] = ts.clip_mul;
+  out[kClipDiv] = ts.clip_div;
+  if (ts.decay_l2 && ts.weight_decay != 0.0) flags |= kDecayL2;
+  if (ts.maximize) flags |= kMaximize;
+  if (ts.fresh_momentum) flags |= kFreshMomentum;
+}
+
 inline namespace FASTSGD_ISA_NS {
+
+// The inverse of pack_tensor_scalars, with the device clip table's row when aux >= 0.
+FASTSGD_HD TensorScalars unpack_tensor_scalars(const TensorMeta& t, const double* clip) {
+  TensorScalars ts;
+  ts.learning_rate = t.scalars[kLr];
+  ts.momentum = t.scalars[kMomentum];
+  ts.dampening = t.scalars[kDampening];
+  ts.weight_decay = t.scalars[kWeightDecay];
+  ts.clip_mul = t.scalars[kClipMul];
+  ts.clip_div = t.scalars[kClipDiv];
+  if (t.aux >= 0 && clip) {
+    ts.clip_mul = clip[2 * int64_t(t.aux)];
+    ts.clip_div = clip[2 * int64_t(t.aux) + 1];
+  }
+  ts.decay_l2 = (t.flags & kDecayL2) != 0;
+  ts.maximize = (t.flags & kMaximize) != 0;
+  ts.fresh_momentum = (t.flags & kFreshMomentum) != 0;
+  return ts;
+}
 
 // Which buffers an op reads and writes.
 struct Access {
@@ -62,14 +111,14 @@ struct Access {
 
 // ---- the element ops: registers in, registers out, math.h only ------------------------------
 
-template <class C, MomentumKind MK, bool Merge, bool Ema>
+template <class C, Convention R, MomentumKind MK, bool Merge, bool Ema>
 struct UpdateOp {
   static constexpr bool kMom = MK != MomentumKind::none;
   static FASTSGD_HD Access access(uint32_t) {
     return {true, true, kMom, Merge, Ema, true, kMom, Merge, Ema};
   }
   static FASTSGD_HD void element(C& w, C g, C& m, C& acc, C& avg, const math::Coeffs<C>& k, uint32_t) {
-    math::update<C, MK, Merge, /*NormClip=*/true, Ema>(w, g, m, acc, avg, k);
+    math::update<C, R, MK, Merge, /*NormClip=*/true, Ema>(w, g, m, acc, avg, k);
   }
 };
 
@@ -131,13 +180,7 @@ struct SgdFunctor {
                                const double* clip) {
     const ChunkRef c = locate_chunk(meta, b);
     const TensorMeta& t = meta.tensors[c.tensor];
-    TensorScalars ts;
-    ts.decays = (t.flags & kDecays) != 0;
-    if (t.aux >= 0) {
-      ts.clip_mul = clip[2 * int64_t(t.aux)];
-      ts.clip_div = clip[2 * int64_t(t.aux) + 1];
-    }
-    const math::Coeffs<C> k = math::make_coeffs<C>(s, ts);
+    const math::Coeffs<C> k = math::make_coeffs<C>(s, unpack_tensor_scalars(t, clip));
     const Access a = Op::access(t.flags);
     W* w = at<W>(t.ptr[kW], c.begin);
     const W* g = at<const W>(t.ptr[kG], c.begin);
@@ -164,29 +207,34 @@ struct SgdFunctor {
   }
 };
 
-// ---- norm clipping: sum of squares of the effective gradient --------------------------------
+// ---- norm clipping and measuring: sums of squares of the effective gradient ----------------
 //
-// Stage 1 (multi_tensor_reduce_kernel): one partial per chunk, each thread accumulating its
+// Stage 1 (multi_tensor_reduce_kernel): one Pair per chunk -- the sum of squares and a probe
+//   sum of x * 0 (zero while every x is finite, NaN once one is Inf or NaN: exact, where the
+//   sum of squares of finite float64 values may overflow) -- each thread accumulating its
 //   lanes in double in a fixed order, then the block's fixed tree.
 // Stage 2 (TensorNormStage, one block per tensor of a stage-1 launch): the tensor's chunk
-//   partials summed in index order -> its sum of squares; clipnorm turns it into that
-//   tensor's (clip_mul, clip_div) with math::clipnorm_coeffs.
-// Stage 3 (GlobalNormStage, one block, global_clipnorm only): the tensors' sums in tensor
-//   order -> math::global_clip_scale -> row 0 of the clip table.
-// No atomics and no host synchronisation: the update launches read the clip table.
+//   Pairs summed in index order -> its row of the sums table; clipnorm turns the sum into
+//   that tensor's (clip_mul, clip_div) with math::clipnorm_coeffs.
+// Stage 3 (GlobalNormStage, one thread, global_clipnorm only): the rows summed one after
+//   another in task order (as the engine's total) -> math::global_clip_scale -> row 0 of the
+//   clip table.
+// No atomics and no host synchronisation: the update launches read the clip table. The rows
+// are what measure() copies to the host, so a step clipped with host-side coefficients from
+// those sums gets the same bits as one clipped on the device.
 
 template <class W, class S, bool Merge>
 struct SumSquaresFunctor {
   using C = typename compute_type<W>::type;
 
-  static FASTSGD_HD double thread_sum(const LaunchMeta& meta, int64_t b, int tid, const StepScalars& s) {
+  static FASTSGD_HD Pair thread_sum(const LaunchMeta& meta, int64_t b, int tid, const StepScalars& s) {
     const ChunkRef c = locate_chunk(meta, b);
     const TensorMeta& t = meta.tensors[c.tensor];
     const math::Coeffs<C> k = math::make_coeffs<C>(s, TensorScalars{});
     const W* g = at<const W>(t.ptr[kG], c.begin);
     const S* acc = at<const S>(t.ptr[kAcc], c.begin);
     const bool aligned = (t.flags & kAligned) != 0;
-    double lane[kILP] = {};
+    double lane[kILP] = {}, probe[kILP] = {};
     for (int i = tid * kILP; i < c.n; i += kBlockThreads * kILP) {
       const int lanes = c.n - i < kILP ? c.n - i : kILP;
       const bool vec = aligned && lanes == kILP;
@@ -198,31 +246,42 @@ struct SumSquaresFunctor {
         if (j < lanes) {
           const double x = double(math::effective_grad<C, Merge>(gv[j], accv[j], k));
           lane[j] += x * x;
+          probe[j] += x * 0.0;
         }
       }
     }
-    return (lane[0] + lane[1]) + (lane[2] + lane[3]);
+    return Pair{(lane[0] + lane[1]) + (lane[2] + lane[3]), (probe[0] + probe[1]) + (probe[2] + probe[3])};
   }
 };
 
+// Whether a probe sum saw an Inf or NaN.
+FASTSGD_HD bool probe_nonfinite(double probe) { return probe != 0.0 || probe != probe; }
+
 struct TensorNormStage {
   // Thread tid's share of the chunk partials of tensor b of a stage-1 launch.
-  static FASTSGD_HD double thread_sum(const LaunchMeta& meta, int b, int tid, const double* partials) {
+  static FASTSGD_HD Pair thread_sum(const LaunchMeta& meta, int b, int tid, const Pair* partials) {
     const int64_t first = meta.partial_base + meta.chunk_start[b];
     return strided_sum(partials + first, int64_t(meta.chunk_start[b + 1]) - meta.chunk_start[b], tid);
   }
-  static FASTSGD_HD void finish(const LaunchMeta& meta, int b, double sum, bool per_tensor, double clipnorm,
-                                double* sums, double* clip) {
+  static FASTSGD_HD void finish(const LaunchMeta& meta, int b, Pair sum, bool per_tensor, double clipnorm,
+                                Pair* sums, double* clip) {
     const int64_t row = meta.tensors[b].aux;
     sums[row] = sum;
-    if (per_tensor) math::clipnorm_coeffs<double>(sum, clipnorm, clip[2 * row], clip[2 * row + 1]);
+    if (per_tensor)
+      math::clipnorm_coeffs<double>(math::keras_sum_squares(sum.a, (meta.tensors[b].flags & kNarrowNorm) != 0),
+                                    clipnorm, clip[2 * row], clip[2 * row + 1]);
   }
 };
 
 struct GlobalNormStage {
-  static FASTSGD_HD double thread_sum(int32_t n, int tid, const double* sums) { return strided_sum(sums, n, tid); }
-  static FASTSGD_HD void finish(double sum, double clipnorm, double* clip) {
-    clip[0] = math::global_clip_scale<double>(sum, clipnorm);
+  // The engine's total: rows added one after another, in task order.
+  static FASTSGD_HD double total(int32_t rows, const Pair* sums) {
+    double t = 0.0;
+    for (int32_t r = 0; r < rows; ++r) t += sums[r].a;
+    return t;
+  }
+  static FASTSGD_HD void finish(double sum, double clipnorm, bool narrow, double* clip) {
+    clip[0] = math::global_clip_scale<double>(math::keras_sum_squares(sum, narrow), clipnorm);
     clip[1] = 1.0;
   }
 };
@@ -234,16 +293,26 @@ struct Tag {
   using type = T;
 };
 
-template <class W, class S, MomentumKind MK, class V>
+template <class W, class S, Convention R, MomentumKind MK, class V>
 void visit_update(const PassVariant& v, V&& vis) {
   using C = typename compute_type<W>::type;
   if (v.merge) {
-    if (v.ema) vis(Tag<SgdFunctor<W, S, UpdateOp<C, MK, true, true>>>{});
-    else vis(Tag<SgdFunctor<W, S, UpdateOp<C, MK, true, false>>>{});
+    if (v.ema) vis(Tag<SgdFunctor<W, S, UpdateOp<C, R, MK, true, true>>>{});
+    else vis(Tag<SgdFunctor<W, S, UpdateOp<C, R, MK, true, false>>>{});
   } else {
-    if (v.ema) vis(Tag<SgdFunctor<W, S, UpdateOp<C, MK, false, true>>>{});
-    else vis(Tag<SgdFunctor<W, S, UpdateOp<C, MK, false, false>>>{});
+    if (v.ema) vis(Tag<SgdFunctor<W, S, UpdateOp<C, R, MK, false, true>>>{});
+    else vis(Tag<SgdFunctor<W, S, UpdateOp<C, R, MK, false, false>>>{});
   }
+}
+
+template <class W, class S, Convention R, class V>
+void visit_momentum(const PassVariant& v, V&& vis) {
+  switch (v.momentum) {
+    case MomentumKind::heavy_ball: visit_update<W, S, R, MomentumKind::heavy_ball>(v, vis); return;
+    case MomentumKind::nesterov: visit_update<W, S, R, MomentumKind::nesterov>(v, vis); return;
+    case MomentumKind::none: break;
+  }
+  visit_update<W, S, R, MomentumKind::none>(v, vis);
 }
 
 // Calls vis(Tag<Functor>{}) with the pass functor of variant v for storage (W, S).
@@ -259,12 +328,8 @@ void visit_pass(const PassVariant& v, V&& vis) {
     case PassKind::finalize: vis(Tag<SgdFunctor<W, S, FinalizeOp<C>>>{}); return;
     case PassKind::update: break;
   }
-  switch (v.momentum) {
-    case MomentumKind::heavy_ball: visit_update<W, S, MomentumKind::heavy_ball>(v, vis); return;
-    case MomentumKind::nesterov: visit_update<W, S, MomentumKind::nesterov>(v, vis); return;
-    case MomentumKind::none: break;
-  }
-  visit_update<W, S, MomentumKind::none>(v, vis);
+  if (v.rule == Convention::torch) visit_momentum<W, S, Convention::torch>(v, vis);
+  else visit_momentum<W, S, Convention::keras>(v, vis);
 }
 
 template <class W, class S, class V>

@@ -23,7 +23,7 @@ struct ComboKernels {
     });
   }
 
-  static void sum_squares(bool merge, const LaunchMeta& meta, const StepScalars& s, double* partials,
+  static void sum_squares(bool merge, const LaunchMeta& meta, const StepScalars& s, Pair* partials,
                           cudaStream_t stream) {
     const unsigned blocks = unsigned(launch_chunks(meta));
     visit_sum_squares<W, S>(merge, [&](auto tag) {

@@ -253,16 +253,14 @@ def test_side_streams_and_explicit_stream():
         torch.testing.assert_close(g.cpu(), c, rtol=2e-6, atol=1e-7)
 
 
-def test_cuda_graph_capture_of_a_step():
+def test_cuda_graph_capture_is_refused_and_changes_nothing():
+    # A captured step would replay the learning rate, EMA factors and accumulation phase of the
+    # capturing call and never advance the counters, so the engine refuses capture.
     gen = torch.Generator().manual_seed(2)
     shapes = [(70_000,), (129,)]
-    init = [torch.randn(s, generator=gen) for s in shapes]
-    grads = [torch.randn(s, generator=gen) for s in shapes]
-    cpu_vars = [t.clone() for t in init]
-    gpu_vars = [t.clone().cuda() for t in init]
-    gpu_grads = [g.cuda() for g in grads]
-    kw = {"momentum": 0.9, "weight_decay": 0.01, "clipnorm": 1.0}
-    cpu_opt, gpu_opt = fastsgd.SGD(LR, **kw), fastsgd.SGD(LR, **kw)
+    gpu_vars = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    gpu_grads = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    gpu_opt = fastsgd.SGD(LR, momentum=0.9, weight_decay=0.01, clipnorm=1.0)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -270,16 +268,107 @@ def test_cuda_graph_capture_of_a_step():
             gpu_opt.apply(gpu_grads, gpu_vars)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
+    before = [v.clone() for v in gpu_vars]
+    iterations = int(gpu_opt.iterations)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        gpu_opt.apply(gpu_grads, gpu_vars)
-    for _ in range(5):
-        graph.replay()
+    with pytest.raises(ValueError, match=r"stream 0x[0-9a-f]+ is capturing a CUDA graph"):
+        with torch.cuda.graph(graph):
+            gpu_opt.apply(gpu_grads, gpu_vars)
     torch.cuda.synchronize()
-    for _ in range(8):  # 3 warm-up steps + 5 replays (capturing runs nothing)
-        cpu_opt.apply(grads, cpu_vars)
+    assert int(gpu_opt.iterations) == iterations
+    for b, v in zip(before, gpu_vars):
+        assert torch.equal(_bits(b), _bits(v))
+
+
+def _engine_pair(convention, groups, **options):
+    """Two engines (CPU, CUDA) with the same options and parameter groups."""
+    engines = []
+    for _ in range(2):
+        o = fastsgd._core.Options()
+        o.convention = convention
+        o.group = groups[0]
+        for k, v in options.items():
+            setattr(o, k, v)
+        e = fastsgd._core.Engine(o)
+        for g in groups[1:]:
+            e.add_group(g)
+        engines.append(e)
+    return engines
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_torch_convention_groups_bit_exact(dtype_name):
+    # torch's rule (explicit FMAs, b = g on a slot's first step), L2 and decoupled decay,
+    # maximize, dampening, Nesterov, per-group learning rates, a variable excluded from decay.
+    core = fastsgd._core
+    groups = [core.Group(learning_rate=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+              core.Group(learning_rate=0.02, momentum=0.8, nesterov=True, weight_decay=0.003,
+                         decay_form=core.DecayForm.decoupled, maximize=True),
+              core.Group(learning_rate=0.1, weight_decay=0.02, maximize=True)]
+    cpu, gpu = _engine_pair(core.Convention.torch, groups, clipvalue=0.5)
+    gen = torch.Generator().manual_seed(5)
+    dt = _tdtype(dtype_name)
+    shapes = [(16385,), (7,), (129, 3), (40001,), (33, 65)]
+    init = [torch.randn(s, generator=gen).to(dt) for s in shapes]
+    cpu_vars = [t.clone() for t in init]
+    gpu_vars = [t.clone().cuda() for t in init]
+    group_of = [0, 1, 2, 0, 1]
+    decays = [True, True, True, False, True]
+    cpu.build(cpu_vars, decays, group_of)
+    gpu.build(gpu_vars, decays, group_of)
+    for step in range(5):
+        grads = [torch.randn(s, generator=gen).to(dt) for s in shapes]
+        if step == 2:
+            grads[1] = None
+        cpu.step(grads)
+        gpu.step([g.cuda() if g is not None else None for g in grads])
+    torch.cuda.synchronize()
+    for i, (c, g) in enumerate(zip(cpu_vars, gpu_vars)):
+        assert_same_bits(c, g.cpu(), f"variable {i}")
+        assert cpu.momentum_started(i) == gpu.momentum_started(i)
+
+
+def test_grad_stats_and_skip_nonfinite_on_cuda():
+    core = fastsgd._core
+    cpu, gpu = _engine_pair(core.Convention.keras, [core.Group(learning_rate=0.05, momentum=0.9)],
+                            skip_nonfinite=True, global_clipnorm=1.0)
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(50001,), (17,), (16384,)]
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    cpu_vars = [t.clone() for t in init]
+    gpu_vars = [t.clone().cuda() for t in init]
+    cpu.build(cpu_vars)
+    gpu.build(gpu_vars)
+    grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    a, b = cpu.grad_stats(grads), gpu.grad_stats([g.cuda() for g in grads])
+    np.testing.assert_allclose(b.sum_squares, a.sum_squares, rtol=1e-12)
+    assert a.nonfinite is False and b.nonfinite is False
+    # A finite float64 gradient whose square overflows: the probe, not the sum, decides.
+    big = [g.clone() for g in grads]
+    big[2][5] = 1e200
+    assert gpu.grad_stats([g.cuda() for g in big]).nonfinite is False
+    bad = [g.clone() for g in grads]
+    bad[1][3] = float("nan")
+    assert gpu.grad_stats([g.cuda() for g in bad]).nonfinite is True
+    before = [v.clone() for v in gpu_vars]
+    result = gpu.step([g.cuda() for g in bad])
+    torch.cuda.synchronize()
+    assert result.skipped and not result.updated and gpu.iterations == 0
+    for x, v in zip(before, gpu_vars):
+        assert torch.equal(x, v)
+    # Measured-then-clipped (skip_nonfinite) on the GPU: close to the CPU, same sums reused.
+    for _ in range(3):
+        cpu.step(grads)
+        gpu.step([g.cuda() for g in grads])
+    torch.cuda.synchronize()
     for c, g in zip(cpu_vars, gpu_vars):
-        torch.testing.assert_close(g.cpu(), c, rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(g.cpu(), c, rtol=1e-13, atol=1e-15)
+    # A global sum computed outside: bit for bit.
+    cpu.step(grads, global_sum_squares=7.5)
+    gpu.step([g.cuda() for g in grads], global_sum_squares=7.5)
+    torch.cuda.synchronize()
+    for c, g in zip(cpu_vars, gpu_vars):
+        torch.testing.assert_close(g.cpu(), c, rtol=1e-13, atol=1e-15)
 
 
 def test_state_dict_round_trip_on_cuda():

@@ -82,7 +82,7 @@ def test_iterations_under_accumulation_and_lr_evaluation():
     np.testing.assert_array_equal(seen[2][1], [[0, 1], [2, 3]])
     np.testing.assert_array_equal(seen[3][1], [[0, 1], [2, 3]])
     assert len(calls) == 1  # only the update call reads the learning rate
-    np.testing.assert_array_equal(opt.state_dict()["slots"]["accumulator"][0], np.ones(4))
+    np.testing.assert_array_equal(opt.state_dict()["slots"]["accumulator"][0], np.ones((2, 2)))
 
 
 def test_schedule_sees_raw_iterations():

@@ -97,8 +97,8 @@ int main() {
     std::vector<float> grad_w(kFeatures), grad_b(1);
 
     fastsgd::Options options;
-    options.momentum = 0.9;
-    options.weight_decay = 1e-3;
+    options.group.momentum = 0.9;
+    options.group.weight_decay = 1e-3;
     options.use_ema = true;
     options.ema_momentum = 0.99;
     fastsgd::SGD sgd(options);
@@ -108,6 +108,10 @@ int main() {
     const fastsgd::TensorView grads[] = {{grad_w.data(), kFeatures, fastsgd::DType::float32},
                                          {grad_b.data(), 1, fastsgd::DType::float32}};
     sgd.build({vars[0], vars[1]}, /*decays=*/{true, false});
+    // One request, reused every step: the same buffers, a new learning rate.
+    fastsgd::StepRequest request;
+    request.variables = vars;
+    request.grads = grads;
 
     const fastsgd::CpuInfo cpu = fastsgd::cpu_info();
     std::printf("fastsgd %d.%d.%d, CPU code path %s, %d thread(s)\n", FASTSGD_VERSION_MAJOR,
@@ -130,7 +134,8 @@ int main() {
             grad_w[size_t(j)] += err * data.x[size_t(i) * kFeatures + size_t(j)] / kBatch;
           grad_b[0] += err / kBatch;
         }
-        sgd.step(vars, grads, lr);  // one call updates both variables and all slots
+        request.learning_rate = lr;
+        sgd.step(request);  // one call updates both variables and all slots
       }
       double loss, acc;
       evaluate(data, 0, kTrain, w, b[0], loss, acc);

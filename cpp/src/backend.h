@@ -22,6 +22,8 @@ class Backend {
   virtual void execute(StepPlan& plan) = 0;
   // Launch stream for device backends (0: the backend's default). Ignored on the CPU.
   virtual void set_stream(uintptr_t /*stream*/) {}
+  // The next launches also wait for the work queued on `producer` up to now. Ignored on the CPU.
+  virtual void wait_for_stream(uintptr_t /*producer*/) {}
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

@@ -57,6 +57,8 @@ struct StepPlan {
   double clipnorm = 0.0;
   // A squared global norm computed outside (across ranks): global clipping uses it as is.
   bool external_global = false;
+  // Some update task computes in float32: a global sum of squares beyond float32 is inf.
+  bool narrow_global_norm = false;
   double global_sum_squares = 0.0;
   // measured.task_sums already holds this step's sums (the backend need not measure again).
   bool measured_valid = false;

@@ -134,6 +134,17 @@ void validate(const Options& o) {
   finite_or_none("clipvalue", o.clipvalue);
   finite_or_none("global_clipnorm", o.global_clipnorm);
   finite_or_none("loss_scale_factor", o.loss_scale_factor);
+  if (o.convention == Convention::keras) {
+    // Keras keeps thresholds in float32: beyond its range every clipped step would be NaN.
+    auto float32_or_none = [](const char* name, const std::optional<double>& v) {
+      if (v && std::fabs(*v) > double(std::numeric_limits<float>::max()))
+        throw ValueError(std::string("`") + name + "` must fit in float32 (at most 3.4028235e+38), as Keras keeps "
+                         "it in float32. Received: " + name + "=" + repr(v));
+    };
+    float32_or_none("clipnorm", o.clipnorm);
+    float32_or_none("clipvalue", o.clipvalue);
+    float32_or_none("global_clipnorm", o.global_clipnorm);
+  }
   if (o.loss_scale_factor && !(*o.loss_scale_factor > 0))
     throw ValueError("`loss_scale_factor` must be a positive float or None. Received: loss_scale_factor=" +
                      repr(o.loss_scale_factor));
@@ -326,6 +337,15 @@ void SGD::set_stream(uintptr_t stream) {
   if (built_) impl_->backend->set_stream(stream);
 }
 
+void SGD::apply_streams(const StepRequest& r) {
+  if (r.stream) impl_->backend->set_stream(*r.stream);
+  if (r.wait_for_stream) impl_->backend->wait_for_stream(*r.wait_for_stream);
+}
+
+void SGD::wait_for_stream(uintptr_t producer_stream) {
+  if (built_) impl_->backend->wait_for_stream(producer_stream);
+}
+
 // Every check of a step, in one place, before anything is written.
 void SGD::validate_request(const StepRequest& r, bool touches_all, bool update_call) const {
   if (!r.variables || !r.grads) throw ValueError("a step needs variable and gradient arrays");
@@ -443,6 +463,7 @@ void SGD::plan_step(const StepRequest& r, bool update_call, bool touches_all) {
   plan.measured_valid = false;
 
   plan.tasks.clear();
+  plan.narrow_global_norm = false;
   for (size_t i = 0; i < n; ++i) {
     detail::PassTask t;
     if (r.grads[i].data) {
@@ -477,6 +498,7 @@ void SGD::plan_step(const StepRequest& r, bool update_call, bool touches_all) {
                                                  : momentum_started_[i] == 0;
     }
     if (t.numel > 0) plan.tasks.push_back(t);
+    if (t.kind == PassKind::update && t.var_dtype != DType::float64) plan.narrow_global_norm = true;
   }
 }
 
@@ -503,6 +525,7 @@ StepResult SGD::step(const StepRequest& r) {
     im.slots[int(SlotKind::momentum)] = std::move(fresh);
   }
   plan_step(r, update_call, touches_all);
+  apply_streams(r);
 
   detail::StepPlan& plan = impl_->plan;
   bool skip = r.found_inf.value_or(false);
@@ -548,6 +571,7 @@ GradStats SGD::grad_stats(const StepRequest& r) {
   const bool update_call = update_is_due();
   validate_request(r, false, update_call);
   plan_step(r, update_call, false);
+  apply_streams(r);
   detail::StepPlan& plan = impl_->plan;
   impl_->backend->measure(plan);
   GradStats stats;

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import re
+import threading
 import warnings
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
@@ -34,7 +38,78 @@ def _optional_float(name: str, value: Any) -> Optional[float]:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"`{name}` must be a float or None, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"`{name}` is too large for a float: {value!r}") from None
+
+
+def _float_arg(name: str, value: Any) -> float:
+    """A required float argument: TypeError for a non-number, ValueError beyond float range."""
+    result = _optional_float(name, value)
+    if result is None:
+        raise TypeError(f"`{name}` must be a float, got None")
+    return result
+
+
+# Checkpoint limits: the raw counter is an int64 that every apply() increments, so a restored
+# value keeps 2**62 steps of headroom instead of wrapping negative one step later.
+_MAX_ITERATIONS = 2**62
+_STATE_KEYS = {"iterations", "learning_rate", "slots", "shapes", "slot_dtypes"}
+
+
+def _is_array_like(x: Any) -> bool:
+    """One array or tensor (not a list of them)."""
+    return isinstance(x, (np.ndarray, np.generic, str, bytes)) or hasattr(x, "__dlpack__") \
+        or hasattr(x, "__array_interface__")
+
+
+def _as_list(x: Any, name: str) -> list:
+    """``x`` as a list or tuple of per-variable entries; a bare array is refused, since iterating
+    it would silently turn its rows into separate entries."""
+    if isinstance(x, (list, tuple)):
+        return x
+    if _is_array_like(x):
+        raise TypeError(f"`{name}` must be a list of arrays, got a single {type(x).__name__}; "
+                        f"wrap it in a list: [{name}]")
+    try:
+        return list(x)
+    except TypeError:
+        raise TypeError(f"`{name}` must be a list of arrays, got {type(x).__name__}") from None
+
+
+def _float32_rate(value: Any, name: str = "learning_rate") -> float:
+    """A float learning rate as Keras stores it (float32), refusing what float32 cannot hold."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be a float, got {value!r}")
+    try:
+        f = float(value)
+    except OverflowError:
+        raise ValueError(f"`{name}` is too large for a float32: {value!r}") from None
+    with np.errstate(over="ignore"):
+        f32 = np.float32(f)
+    if not math.isfinite(f32):
+        raise ValueError(f"`{name}` must be finite in float32, got {value!r}")
+    return float(f32)
+
+
+def _bfloat16_dtype() -> Optional[np.dtype]:
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _shape_of(x: Any) -> tuple:
+    return tuple(int(d) for d in x.shape)
+
+
+def _restore(cls: type, config: dict, extra: dict) -> "SGD":
+    """Unpickling: a fresh, unbuilt optimizer holding the pickled state until it is built."""
+    opt = cls.from_config(config)
+    opt._adopt(extra)
+    return opt
 
 
 def _is_torch(obj: Any) -> bool:
@@ -140,6 +215,9 @@ class SGD:
             warnings.warn("`decay` is deprecated and ignored by fastsgd.SGD (use a learning rate schedule)",
                           stacklevel=2)
         if "lr" in kwargs:
+            if learning_rate is not SGD.__init__.__defaults__[0]:
+                raise ValueError("Pass only one of `learning_rate` and its deprecated alias `lr`; got "
+                                 f"learning_rate={learning_rate!r}, lr={kwargs['lr']!r}")
             warnings.warn("`lr` is deprecated, use `learning_rate`", DeprecationWarning, stacklevel=2)
             learning_rate = kwargs["lr"]
         self.jit_compile = bool(kwargs.get("jit_compile", True))
@@ -147,7 +225,7 @@ class SGD:
         # Types are checked here; ranges once, in the engine (Keras's wording), below.
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.integer, np.floating)):
             raise ValueError("`momentum` must be a float between [0, 1].")
-        self.momentum = float(momentum)
+        self.momentum = _float_arg("momentum", momentum)
         self.nesterov = bool(nesterov)
         self.weight_decay = _optional_float("weight_decay", weight_decay)
         self.clipnorm = _optional_float("clipnorm", clipnorm)
@@ -159,6 +237,9 @@ class SGD:
                     not isinstance(gradient_accumulation_steps, (int, np.integer)):
                 raise ValueError("`gradient_accumulation_steps` must be an integer >= 2. Received: "
                                  f"gradient_accumulation_steps={gradient_accumulation_steps}")
+            if not 2 <= gradient_accumulation_steps < 2**62:
+                raise ValueError("`gradient_accumulation_steps` must be an integer >= 2 (and below 2**62). "
+                                 f"Received: gradient_accumulation_steps={gradient_accumulation_steps}")
             gradient_accumulation_steps = int(gradient_accumulation_steps)
         self.gradient_accumulation_steps = gradient_accumulation_steps or None
         self.use_ema = bool(use_ema)
@@ -169,8 +250,12 @@ class SGD:
                                             not isinstance(ema_overwrite_frequency, (int, np.integer))):
                 raise ValueError("`ema_overwrite_frequency` must be an integer >= 1 or None. Received: "
                                  f"ema_overwrite_frequency={ema_overwrite_frequency}")
-        self.ema_momentum = float(ema_momentum) if isinstance(ema_momentum, (int, float, np.integer, np.floating)) \
+        self.ema_momentum = _float_arg("ema_momentum", ema_momentum) \
+            if isinstance(ema_momentum, (int, float, np.integer, np.floating)) \
             else ema_momentum
+        if ema_overwrite_frequency and self.use_ema and not 1 <= ema_overwrite_frequency < 2**62:
+            raise ValueError("`ema_overwrite_frequency` must be an integer >= 1 or None (and below 2**62). "
+                             f"Received: ema_overwrite_frequency={ema_overwrite_frequency}")
         self.ema_overwrite_frequency = int(ema_overwrite_frequency) if ema_overwrite_frequency else None
         if slot_dtype not in ("float32", "variable"):
             raise ValueError(f"`slot_dtype` must be 'float32' or 'variable', got {slot_dtype!r}")
@@ -184,8 +269,13 @@ class SGD:
         self._excluded_ids: set = set()
         self._excluded_names: Optional[str] = None
         self._all_torch = False
+        self._torch_variables: list = []
         self._pending_state: Optional[dict] = None
         self._increment_version: Optional[Callable] = None
+        # Held by every call that reads or writes the engine's state (apply, state_dict,
+        # load_state_dict, ...): the engine runs with the GIL released, and a checkpoint taken
+        # or restored during a step would be torn. Reentrant for callbacks on the same thread.
+        self._lock = threading.RLock()
 
     # ---- configuration --------------------------------------------------------------------
 
@@ -216,17 +306,17 @@ class SGD:
                 raise TypeError("This optimizer was created with a `LearningRateSchedule`; "
                                 "a float learning rate cannot replace it (assign a schedule or callable)")
             # Keras keeps a float rate in a float32 variable.
-            self._lr_kind, self._lr = "float", float(np.float32(value))
+            self._lr_kind, self._lr = "float", _float32_rate(value)
         else:
             raise ValueError("Argument `learning_rate` should be float, or an instance of LearningRateSchedule, "
                              f"or a callable (that takes in the current iteration value and returns the "
                              f"corresponding learning rate value). Received instead: learning_rate={value!r}")
 
-    def _current_learning_rate(self) -> float:
+    def _current_learning_rate(self, engine: Any = None) -> float:
         if self._lr_kind == "float":
             return self._lr
         if self._lr_kind == "schedule":
-            return float(self._lr(self._engine.raw_iterations))
+            return float(self._lr((self._engine if engine is None else engine).raw_iterations))
         return float(self._lr())
 
     @property
@@ -236,7 +326,8 @@ class SGD:
 
     @learning_rate.setter
     def learning_rate(self, value: Any) -> None:
-        self._set_learning_rate(value)
+        with self._lock:
+            self._set_learning_rate(value)
 
     @property
     def iterations(self) -> int:
@@ -260,22 +351,46 @@ class SGD:
         """Declares the variables (in order) and creates zero-filled slots for them.
 
         ``apply`` calls this on its first use; later calls may pass any subset or permutation
-        of these variables, matched by identity as Keras does.
+        of these variables, matched by identity as Keras does. A state loaded before build is
+        checked against the variables here; if anything is refused the optimizer stays unbuilt.
         """
-        if self.built:
-            raise ValueError("The optimizer is already built")
+        with self._lock:
+            if self.built:
+                raise ValueError("The optimizer is already built")
+            self._commit_build(*self._prepare_build(_as_list(variables, "variables")))
+
+    def _new_engine(self) -> Any:
+        return _core.Engine(self._engine_options())
+
+    def _prepare_build(self, variables: Any) -> tuple:
+        """A built engine for ``variables`` (with any pending state loaded), not yet adopted:
+        nothing of this optimizer changes until ``_commit_build``."""
         variables = list(variables)
-        self._engine.build(variables, [self._decays(v) for v in variables])
+        torch_variables = [v for v in variables if _is_torch(v)]
+        for i, v in enumerate(variables):
+            if _is_torch(v) and v.requires_grad and not v.is_leaf:
+                raise ValueError(f"variables[{i}] is a non-leaf torch tensor (the result of an operation); "
+                                 "like torch.optim, fastsgd only updates leaf tensors")
+        engine = self._new_engine()
+        engine.build(variables, [self._decays(v) for v in variables])
+        learning_rate = None
+        if self._pending_state is not None:
+            learning_rate = self._write_state(engine, variables, self._pending_state)
+        return engine, variables, torch_variables, learning_rate
+
+    def _commit_build(self, engine: Any, variables: list, torch_variables: list,
+                      learning_rate: Optional[float]) -> None:
+        self._engine = engine
         self._variables = variables
-        torch_flags = [_is_torch(v) for v in variables]
-        self._all_torch = bool(variables) and all(torch_flags)
-        if any(torch_flags):
+        self._torch_variables = torch_variables
+        self._all_torch = bool(variables) and len(torch_variables) == len(variables)
+        if torch_variables:
             import torch
 
             self._increment_version = torch.autograd.graph.increment_version
-        if self._pending_state is not None:
-            state, self._pending_state = self._pending_state, None
-            self.load_state_dict(state)
+        if learning_rate is not None and self._lr_kind == "float":
+            self._lr = learning_rate
+        self._pending_state = None
 
     def _decays(self, variable: Any) -> bool:
         if id(variable) in self._excluded_ids:
@@ -291,11 +406,24 @@ class SGD:
         """Excludes variables from weight decay: ``var_list`` by identity, ``var_names`` by a
         substring of the variable's ``name`` attribute (torch/NumPy arrays have none). Each call
         replaces the previous exclusions, before or after build."""
-        self._excluded_ids = {id(v) for v in (var_list or [])}
+        var_list = _as_list(var_list, "var_list") if var_list is not None else []
+        if isinstance(var_names, str):
+            raise TypeError("`var_names` must be a list of strings, got a single string; wrap it: [var_names]")
         names = set(var_names or [])
-        self._excluded_names = "|".join(sorted(names)) if names else None
-        for i, v in enumerate(self._variables):
-            self._engine.set_decays(i, self._decays(v))
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"`var_names` must hold strings, got {bad[0]!r}")
+        pattern = "|".join(sorted(names)) if names else None
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"`var_names` do not form a valid pattern: {e}") from None
+        with self._lock:
+            self._excluded_ids = {id(v) for v in var_list}
+            self._excluded_names = pattern
+            for i, v in enumerate(self._variables):
+                self._engine.set_decays(i, self._decays(v))
 
     @property
     def variables(self) -> list:
@@ -312,8 +440,8 @@ class SGD:
         ``grads[i]`` belongs to ``trainable_variables[i]``; a None gradient leaves its variable
         out of this step (with a warning). Without ``trainable_variables`` the built list is
         used. ``stream`` is the CUDA stream (an int handle) to launch on for CUDA tensors.
-        Every input is checked before anything is written: on error, variables, slots and
-        ``iterations`` are unchanged.
+        Every input is checked before anything is written: on error, variables, slots,
+        ``iterations`` and whether the optimizer is built are unchanged.
 
         Inputs decided outside this process (a GradScaler, an all-reduce across ranks):
         ``grad_scale`` multiplies every gradient first (``g * grad_scale``, e.g. ``1 / scale``);
@@ -322,35 +450,49 @@ class SGD:
         every rank's ``grad_stats(...).total``), used by ``global_clipnorm`` instead of the
         local one.
         """
-        if not isinstance(grads, (list, tuple)):
-            grads = list(grads)
+        grads = _as_list(grads, "grads")
+        if stream is not None and (isinstance(stream, bool) or not isinstance(stream, (int, np.integer))
+                                   or not 0 <= int(stream) < 2**63):
+            raise (ValueError if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool)
+                   else TypeError)(f"`stream` must be a CUDA stream handle (an int in [0, 2**63)), got {stream!r}")
         if len(grads) == 0:
             return
-        if trainable_variables is None:
-            if not self.built:
-                raise ValueError("The first call to apply() must pass trainable_variables")
-            variables = None
-        else:
-            variables = trainable_variables if isinstance(trainable_variables, (list, tuple)) \
-                else list(trainable_variables)
-            if not self.built:
-                self.build(variables)
-        engine = self._engine
-        lr = self._current_learning_rate() if engine.update_is_due else 0.0
-        _, _, missing = engine.step(grads, variables, learning_rate=lr,
-                                    stream=None if stream is None else int(stream), grad_scale=float(grad_scale),
-                                    found_inf=None if found_inf is None else bool(found_inf),
-                                    global_sum_squares=None if global_sum_squares is None
-                                    else float(global_sum_squares))
+        with self._lock:
+            pending_build = None
+            if trainable_variables is None:
+                if not self.built:
+                    raise ValueError("The first call to apply() must pass trainable_variables")
+                variables = None
+            else:
+                variables = _as_list(trainable_variables, "trainable_variables")
+                if not self.built:
+                    # Built into a separate engine and adopted only once the step succeeds: a
+                    # refused first call leaves the optimizer unbuilt, with its pending state.
+                    pending_build = self._prepare_build(variables)
+            engine = self._engine if pending_build is None else pending_build[0]
+            if pending_build is not None and pending_build[3] is not None and self._lr_kind == "float":
+                lr = pending_build[3] if engine.update_is_due else 0.0
+            else:
+                lr = self._current_learning_rate(engine) if engine.update_is_due else 0.0
+            _, _, missing = engine.step(
+                grads, variables, learning_rate=lr, stream=None if stream is None else int(stream),
+                grad_scale=_float_arg("grad_scale", grad_scale),
+                found_inf=None if found_inf is None else bool(found_inf),
+                global_sum_squares=None if global_sum_squares is None
+                else _float_arg("global_sum_squares", global_sum_squares))
+            if pending_build is not None:
+                self._commit_build(*pending_build)
+            if self._increment_version is not None:
+                # Raw-pointer writes are invisible to autograd's version counter unless bumped.
+                if variables is None:
+                    self._increment_version(self._torch_variables)
+                elif self._all_torch:
+                    self._increment_version(variables)
+                else:
+                    self._increment_version([v for v in variables if _is_torch(v)])
         if missing:
             warnings.warn(f"Gradients do not exist for {missing} variable(s) when applying this step; "
                           "those variables are left out of the update", stacklevel=2)
-        if self._increment_version is not None:
-            # Raw-pointer writes are invisible to autograd's version counter unless bumped.
-            if variables is None or self._all_torch:
-                self._increment_version(self._variables if variables is None else variables)
-            else:
-                self._increment_version([v for v in variables if _is_torch(v)])
 
     def grad_stats(self, grads: Iterable, trainable_variables: Optional[Iterable] = None, *,
                    grad_scale: float = 1.0) -> "_core.GradStats":
@@ -362,18 +504,22 @@ class SGD:
         all-reduce ``total`` and ``nonfinite`` and pass them to ``apply(global_sum_squares=...,
         found_inf=...)``: ``global_clipnorm`` and the skip then act on the whole model.
         """
-        grads = list(grads)
-        variables = None if trainable_variables is None else list(trainable_variables)
-        if not self.built:
-            if variables is None:
-                raise ValueError("The first call to grad_stats() must pass trainable_variables")
-            self.build(variables)
-        return self._engine.grad_stats(grads, variables, grad_scale=float(grad_scale))
+        grads = _as_list(grads, "grads")
+        variables = None if trainable_variables is None else _as_list(trainable_variables, "trainable_variables")
+        with self._lock:
+            if not self.built:
+                if variables is None:
+                    raise ValueError("The first call to grad_stats() must pass trainable_variables")
+                self.build(variables)
+            return self._engine.grad_stats(grads, variables, grad_scale=_float_arg("grad_scale", grad_scale))
 
     def apply_gradients(self, grads_and_vars: Iterable) -> int:
         """Keras's ``apply_gradients(zip(grads, vars))``. Like Keras, returns the raw call
         counter (``_iterations``: every call, accumulation calls included)."""
-        pairs = list(grads_and_vars)
+        pairs = _as_list(grads_and_vars, "grads_and_vars")
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"grads_and_vars[{i}] must be a (gradient, variable) pair, got {type(pair).__name__}")
         grads = [g for g, _ in pairs]
         variables = [v for _, v in pairs]
         self.apply(grads, variables)
@@ -437,15 +583,16 @@ class SGD:
     def finalize_variable_values(self, var_list: Iterable) -> None:
         """With ``use_ema``, copies each moving average into the variable at the same position
         of ``var_list`` (which must hold every built variable). Without EMA, does nothing."""
+        var_list = _as_list(var_list, "var_list")
         if not self.use_ema or not self.built:
             return
-        var_list = list(var_list)
         if len(var_list) != len(self._variables):
             raise ValueError(f"The length of `var_list` ({len(var_list)}) does not match the number of "
                              f"moving averages ({len(self._variables)})")
-        self._engine.finalize(var_list)
-        if self._increment_version is not None:
-            self._increment_version([v for v in var_list if _is_torch(v)])
+        with self._lock:
+            self._engine.finalize(var_list)
+            if self._increment_version is not None:
+                self._increment_version([v for v in var_list if _is_torch(v)])
 
     # ---- configuration and state ----------------------------------------------------------
 
@@ -484,58 +631,216 @@ class SGD:
         return cls(**config)
 
     def state_dict(self) -> dict:
-        """A checkpoint of the optimizer state as NumPy copies: iteration counter, learning rate
-        (for float rates) and every slot, in build order. Resuming from it gives bit-identical
-        results to never stopping."""
-        state: dict = {"iterations": int(self._engine.raw_iterations), "slots": {}}
-        if self._lr_kind == "float":
-            state["learning_rate"] = self._lr
-        if self.built:
-            for kind, code in _SLOT_KINDS.items():
-                if self._engine.has_slot(code):
-                    state["slots"][kind] = [self._engine.read_slot(code, i) for i in range(len(self._variables))]
-        return state
+        """A checkpoint of the optimizer state as NumPy copies: ``iterations`` (the raw call
+        counter), ``learning_rate`` (for float rates), every slot in build order shaped like
+        its variable (``slots[kind][i]``), and the variables' ``shapes`` and the slots'
+        ``slot_dtypes``, which ``load_state_dict`` checks. Resuming from it gives bit-identical
+        results to never stopping. Before build, a state loaded earlier is returned as is."""
+        with self._lock:
+            if not self.built and self._pending_state is not None:
+                return copy.deepcopy(self._pending_state)
+            state: dict = {"iterations": int(self._engine.raw_iterations), "slots": {}}
+            if self._lr_kind == "float":
+                state["learning_rate"] = self._lr
+            if self.built:
+                shapes = [_shape_of(v) for v in self._variables]
+                state["shapes"] = [list(shape) for shape in shapes]
+                bf16 = _bfloat16_dtype()
+                dtypes = None
+                for kind, code in _SLOT_KINDS.items():
+                    if not self._engine.has_slot(code):
+                        continue
+                    arrays, kind_dtypes = [], []
+                    for i, shape in enumerate(shapes):
+                        arr, dtype = self._read_slot(self._engine, code, i, bf16)
+                        arrays.append(arr.reshape(shape))
+                        kind_dtypes.append(dtype)
+                    state["slots"][kind] = arrays
+                    dtypes = kind_dtypes
+                if dtypes is not None:
+                    state["slot_dtypes"] = dtypes
+            return state
+
+    @staticmethod
+    def _read_slot(engine: Any, code: int, i: int, bf16: Optional[np.dtype]) -> tuple:
+        """(flat copy of a slot, its dtype name); bfloat16 slots come back as ml_dtypes
+        bfloat16 when it is installed, else as their raw uint16 bits."""
+        arr = np.asarray(engine.read_slot(code, i))
+        if arr.dtype == np.uint16:
+            return (arr.view(bf16) if bf16 is not None else arr), "bfloat16"
+        return arr, arr.dtype.name
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores ``state_dict()`` output. Before build the state is kept and applied when the
-        variables are known. Slots must match the built variables in count and size."""
-        if not self.built:
-            self._pending_state = state
-            return
+        """Restores ``state_dict()`` output, all or nothing: every value is checked (types,
+        ranges, and each slot's shape and dtype against its variable's) before anything is
+        written; a refused state raises TypeError/ValueError and changes nothing. Before build
+        the state is checked, copied and applied when the variables are known (by ``build`` or
+        the first ``apply``, which then refuse a state that does not fit)."""
+        normalized = self._check_state(state)
+        with self._lock:
+            if not self.built:
+                self._pending_state = normalized
+                return
+            learning_rate = self._write_state(self._engine, self._variables, normalized)
+            if learning_rate is not None and self._lr_kind == "float":
+                self._lr = learning_rate
+
+    @staticmethod
+    def _check_state(state: Any) -> dict:
+        """The checks that need no variables; returns a private, normalized copy."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"`state` must be a dict from state_dict(), got {type(state).__name__}")
+        unknown = sorted(str(k) for k in state if k not in _STATE_KEYS)
+        if unknown:
+            raise ValueError(f"`state` has unknown keys {unknown} (known: {sorted(_STATE_KEYS)})")
+        out: dict = {}
+        iterations = state.get("iterations", 0)
+        if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)):
+            raise TypeError(f"state['iterations'] must be an int, got {iterations!r}")
+        if not 0 <= int(iterations) < _MAX_ITERATIONS:
+            raise ValueError(f"state['iterations'] must be in [0, 2**62), got {iterations!r}")
+        out["iterations"] = int(iterations)
+        if "learning_rate" in state:
+            out["learning_rate"] = _float32_rate(state["learning_rate"], "state['learning_rate']")
+        shapes = state.get("shapes")
+        if shapes is not None:
+            if not isinstance(shapes, (list, tuple)):
+                raise TypeError("state['shapes'] must be a list of shapes")
+            checked = []
+            for i, shape in enumerate(shapes):
+                if not isinstance(shape, (list, tuple)) or any(
+                        isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
+                    raise TypeError(f"state['shapes'][{i}] must be a list of non-negative ints, got {shape!r}")
+                checked.append([int(d) for d in shape])
+            out["shapes"] = checked
+        dtypes = state.get("slot_dtypes")
+        if dtypes is not None:
+            if not isinstance(dtypes, (list, tuple)) or not all(isinstance(d, str) for d in dtypes):
+                raise TypeError("state['slot_dtypes'] must be a list of dtype names")
+            out["slot_dtypes"] = list(dtypes)
         slots = state.get("slots", {})
+        if not isinstance(slots, Mapping):
+            raise TypeError(f"state['slots'] must be a dict of slot lists, got {type(slots).__name__}")
+        out["slots"] = {}
         for kind, arrays in slots.items():
             if kind not in _SLOT_KINDS:
                 raise ValueError(f"unknown slot kind {kind!r} in state (known: {sorted(_SLOT_KINDS)})")
-            if not self._engine.has_slot(_SLOT_KINDS[kind]):
+            if not isinstance(arrays, (list, tuple)):
+                raise TypeError(f"state['slots'][{kind!r}] must be a list of arrays, got {type(arrays).__name__}")
+            copies = []
+            for i, arr in enumerate(arrays):
+                if not (isinstance(arr, np.ndarray) or _is_torch(arr)):
+                    raise TypeError(f"{kind} slot {i} must be a NumPy array, got {type(arr).__name__}")
+                a = np.array(_to_numpy(arr), copy=True, order="C")
+                if not (a.dtype.kind == "f" or a.dtype == np.uint16 or a.dtype.name == "bfloat16"):
+                    raise TypeError(f"{kind} slot {i} has dtype {a.dtype}; slots are floating point")
+                copies.append(a)
+            out["slots"][kind] = copies
+        return out
+
+    @staticmethod
+    def _write_state(engine: Any, variables: list, state: dict) -> Optional[float]:
+        """Checks a normalized state against the built ``engine`` and its ``variables``, then
+        writes slots and the counter; on a failure part-way the old contents are put back.
+        Returns the state's float learning rate (or None), for the caller to adopt."""
+        n = len(variables)
+        slots = state["slots"]
+        for kind, code in _SLOT_KINDS.items():
+            has = engine.has_slot(code)
+            if has and kind not in slots:
+                raise ValueError(f"state has no {kind} slots but this optimizer needs them")
+            if not has and kind in slots:
                 raise ValueError(f"this optimizer has no {kind} slots (check momentum / use_ema / "
                                  "gradient_accumulation_steps)")
-            if len(arrays) != len(self._variables):
-                raise ValueError(f"state has {len(arrays)} {kind} slots, the optimizer {len(self._variables)}")
-        for kind, code in _SLOT_KINDS.items():
-            if self._engine.has_slot(code) and kind not in slots:
-                raise ValueError(f"state has no {kind} slots but this optimizer needs them")
-        prepared = []
+            if has and len(slots[kind]) != n:
+                raise ValueError(f"state has {len(slots[kind])} {kind} slots, the optimizer {n}")
+        shapes = [_shape_of(v) for v in variables]
+        if "shapes" in state:
+            saved = [tuple(s) for s in state["shapes"]]
+            if len(saved) != n:
+                raise ValueError(f"state was saved for {len(saved)} variables, the optimizer has {n}")
+            for i, (a, b) in enumerate(zip(saved, shapes)):
+                if a != b:
+                    raise ValueError(f"state was saved for variables[{i}] of shape {a}, "
+                                     f"but variables[{i}] has shape {b}")
+        bf16 = _bfloat16_dtype()
+        prepared, backup = [], []
         for kind, arrays in slots.items():
+            code = _SLOT_KINDS[kind]
             for i, arr in enumerate(arrays):
-                numel, dtype = self._engine.slot_spec(i)
-                flat = np.ascontiguousarray(np.asarray(arr)).reshape(-1)
+                current, dtype = SGD._read_slot(engine, code, i, bf16)
+                if "slot_dtypes" in state and i < len(state["slot_dtypes"]) and state["slot_dtypes"][i] != dtype:
+                    raise ValueError(f"{kind} slot {i} was saved as {state['slot_dtypes'][i]}, "
+                                     f"this optimizer keeps it in {dtype}")
+                if arr.shape != shapes[i]:
+                    raise ValueError(f"{kind} slot {i} has shape {arr.shape}, its variable {shapes[i]}")
                 if dtype == "bfloat16":
-                    if flat.dtype.itemsize != 2:
-                        raise ValueError(f"{kind} slot {i}: expected bfloat16 values")
-                    flat = flat.view(np.uint16)
+                    # Raw bits are taken only from a checkpoint that says they are bfloat16.
+                    if arr.dtype.name == "bfloat16" or (
+                            arr.dtype == np.uint16 and state.get("slot_dtypes", [None] * (i + 1))[i] == "bfloat16"):
+                        flat = arr.reshape(-1).view(np.uint16)
+                    else:
+                        raise ValueError(f"{kind} slot {i} has dtype {arr.dtype}; this slot is bfloat16 "
+                                         "(pass ml_dtypes.bfloat16 values)")
+                elif arr.dtype != current.dtype:
+                    raise ValueError(f"{kind} slot {i} has dtype {arr.dtype}; this slot is {dtype}")
                 else:
-                    flat = flat.astype(dtype, copy=False)
-                if flat.size != numel:
-                    raise ValueError(f"{kind} slot {i} has {flat.size} values, expected {numel}")
-                prepared.append((_SLOT_KINDS[kind], i, flat))
-        iterations = int(state.get("iterations", 0))
-        if iterations < 0:
-            raise ValueError("state iterations must be >= 0")
-        for code, i, flat in prepared:
-            self._engine.write_slot(code, i, flat)
-        self._engine.raw_iterations = iterations
-        if "learning_rate" in state and self._lr_kind == "float":
-            self._lr = float(np.float32(state["learning_rate"]))
+                    flat = arr.reshape(-1)
+                prepared.append((code, i, np.ascontiguousarray(flat)))
+                backup.append((code, i, current.view(np.uint16) if dtype == "bfloat16" else current))
+        old_iterations = engine.raw_iterations
+        try:
+            for code, i, flat in prepared:
+                engine.write_slot(code, i, flat)
+            engine.raw_iterations = state["iterations"]
+        except BaseException:
+            for code, i, flat in backup:
+                engine.write_slot(code, i, np.ascontiguousarray(flat))
+            engine.raw_iterations = old_iterations
+            raise
+        return state.get("learning_rate")
+
+    # ---- copying and pickling -------------------------------------------------------------
+
+    def _snapshot(self, deep: bool, memo: Optional[dict] = None) -> dict:
+        lr = copy.deepcopy(self._lr, memo) if deep else self._lr
+        return {"lr": (self._lr_kind, lr), "state": self.state_dict(),
+                "excluded_ids": set(self._excluded_ids), "excluded_names": self._excluded_names,
+                "slot_dtype": self.slot_dtype}
+
+    def _adopt(self, extra: dict) -> None:
+        """Takes a snapshot's learning rate, exclusions and (pending) state."""
+        self._lr_kind, self._lr = extra["lr"]
+        self._excluded_ids = set(extra.get("excluded_ids", ()))
+        self._excluded_names = extra.get("excluded_names")
+        self.load_state_dict(extra["state"])
+
+    def _twin(self, deep: bool, memo: Optional[dict] = None) -> "SGD":
+        with self._lock:
+            config = self.get_config()
+            snapshot = self._snapshot(deep, memo)
+        twin = type(self).from_config({**config, "slot_dtype": self.slot_dtype})
+        twin._adopt(snapshot)
+        return twin
+
+    def __copy__(self) -> "SGD":
+        """An independent optimizer with the same configuration, learning rate and state. It
+        has its own engine and slots and is unbuilt: its first ``apply`` (or ``build``) takes
+        the state, checked against the variables it is given."""
+        return self._twin(deep=False)
+
+    def __deepcopy__(self, memo: dict) -> "SGD":
+        """As ``__copy__``, with the learning rate (schedule or callable) deep-copied too."""
+        return self._twin(deep=True, memo=memo)
+
+    def __reduce__(self) -> tuple:
+        """Pickles the configuration (``get_config``) and the state (``state_dict``); the
+        unpickled optimizer is unbuilt and takes the state on its first ``apply``. The variables
+        are not pickled (they belong to the model)."""
+        with self._lock:
+            snapshot = self._snapshot(deep=False)
+        snapshot["excluded_ids"] = set()  # ids mean nothing in another process
+        return (_restore, (type(self), {**self.get_config(), "slot_dtype": self.slot_dtype}, snapshot))
 
     def __repr__(self) -> str:
         return (f"fastsgd.SGD(name={self.name!r}, learning_rate={self._lr!r}, momentum={self.momentum}, "

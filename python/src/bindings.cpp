@@ -57,6 +57,40 @@ class Owned {
   std::vector<dlpack::ManagedTensor*> legacy_;
 };
 
+// Every object imported during one call stays referenced until the call ends: while the
+// engine runs with the GIL released, another thread may drop the caller's last reference to
+// a gradient (e.g. by clearing the list it came from), which would free the buffer mid-step.
+// The references live on one per-thread stack, reused across calls (no allocation per step
+// once warm); contexts nest (an import may run Python code that steps another optimizer), so
+// each one releases only what it pushed.
+class KeepAlive {
+ public:
+  KeepAlive() : base_(stack().size()) {}
+  KeepAlive(const KeepAlive&) = delete;
+  KeepAlive& operator=(const KeepAlive&) = delete;
+  ~KeepAlive() { release(); }
+  void add(PyObject* obj) {  // takes a new reference
+    Py_INCREF(obj);
+    stack().push_back(obj);
+  }
+  void add_owned(PyObject* obj) { stack().push_back(obj); }  // steals a reference
+  void release() {  // with the GIL held
+    auto& s = stack();
+    while (s.size() > base_) {
+      PyObject* obj = s.back();
+      s.pop_back();
+      Py_DECREF(obj);
+    }
+  }
+
+ private:
+  static std::vector<PyObject*>& stack() {
+    thread_local std::vector<PyObject*> s;
+    return s;
+  }
+  size_t base_;
+};
+
 DType numpy_dtype(py::handle arr, const char* what, size_t i) {
   auto* descr = py::detail::array_descriptor_proxy(py::detail::array_proxy(arr.ptr())->descr);
   if (descr->byteorder == '>')
@@ -137,7 +171,13 @@ void from_dltensor(const dlpack::Tensor& t, bool writable, bool read_only_flag, 
       expected *= t.shape[d];
     }
   }
-  out.view.data = static_cast<char*>(t.data) + t.byte_offset;
+  char* data = static_cast<char*>(t.data) + t.byte_offset;
+  // An unaligned element pointer (torch.frombuffer(..., offset=1)) is undefined behaviour on
+  // the CPU and a fatal misaligned access on CUDA.
+  if (numel > 0 && reinterpret_cast<uintptr_t>(data) % dtype_size(dtype) != 0)
+    throw ValueError(where(what, i) + " is not aligned to its element size (" + std::to_string(dtype_size(dtype)) +
+                     " bytes); fastsgd never copies: pass an aligned tensor");
+  out.view.data = data;
   out.view.numel = numel;
   out.view.dtype = dtype;
   out.view.device = device;
@@ -175,16 +215,75 @@ bool is_jax_array(py::handle obj) {
 // Per-call import context: the consumer stream for CUDA producers, and the exchange API
 // that can name the producer's current stream.
 struct ImportContext {
+  KeepAlive keep;  // declared first: released last, after the DLPack deleters
   Owned owned;
   dlpack::Tensor scratch{};
   long long stream = -2;  // explicit cudaStream_t handle, or -2 when none was given
   const dlpack::ExchangeAPI* cuda_api = nullptr;
 };
 
+// Whether a failure raised by a producer while exporting is the input's fault (to be refused
+// as TypeError/ValueError) rather than something to pass through (KeyboardInterrupt, MemoryError).
+bool is_export_failure(const py::error_already_set& e) {
+  return e.matches(PyExc_Exception) && !e.matches(PyExc_MemoryError);
+}
+
+// A producer's own refusal (torch's RuntimeError for sparse, meta or quantized tensors, a
+// BufferError from __dlpack__, ...) as a TypeError naming the argument; its ValueError stays one.
+[[noreturn]] void refuse_export(const py::error_already_set& e, py::handle obj, const char* what, size_t i) {
+  std::string reason = e.what();
+  reason = reason.substr(0, reason.find('\n'));  // torch appends a C++ backtrace
+  const std::string msg = where(what, i) + " (a " + type_name(obj) + ") cannot be read in place: " + reason;
+  if (e.matches(PyExc_ValueError)) throw ValueError(msg);
+  throw TypeError(msg);
+}
+
+// torch's lazily negated views (x._neg_view(), complex.conj().imag) export the un-negated
+// buffer: a gradient is read through a resolved copy, a variable (which must change in
+// place) is refused. Checked only for types that have `is_neg` (looked up once per type).
+bool has_negative_bit(py::handle obj) {
+  static std::unordered_map<PyTypeObject*, bool> has_method;
+  static PyObject* name = PyUnicode_InternFromString("is_neg");  // leaked on purpose
+  PyTypeObject* type = Py_TYPE(obj.ptr());
+  auto it = has_method.find(type);
+  if (it == has_method.end())
+    it = has_method.emplace(type, PyObject_HasAttr(reinterpret_cast<PyObject*>(type), name) == 1).first;
+  if (!it->second) return false;
+  PyObject* r = PyObject_CallMethodNoArgs(obj.ptr(), name);
+  if (!r) {
+    PyErr_Clear();
+    return false;
+  }
+  const bool neg = r == Py_True;
+  Py_DECREF(r);
+  return neg;
+}
+
 void import_dlpack(py::handle obj, bool writable, const char* what, size_t i, Imported& out, ImportContext& ctx) {
   PyTypeObject* type = Py_TYPE(obj.ptr());
   if (const dlpack::ExchangeAPI* api = exchange_api(type)) {
-    if (api->dltensor_from_py_object_no_sync(obj.ptr(), &ctx.scratch) != 0) throw py::error_already_set();
+    if (has_negative_bit(obj)) {
+      if (writable)
+        throw ValueError(where(what, i) + " is a lazily negated torch view (negative bit set, e.g. _neg_view() or "
+                         "conj().imag) and cannot be updated in place; pass a materialized tensor");
+      py::object resolved;
+      try {
+        resolved = obj.attr("resolve_neg")();
+      } catch (py::error_already_set& e) {
+        if (!is_export_failure(e)) throw;
+        refuse_export(e, obj, what, i);
+      }
+      if (Py_TYPE(resolved.ptr()) != type || has_negative_bit(resolved))
+        throw TypeError(where(what, i) + " has the negative bit set and could not be resolved");
+      ctx.keep.add(resolved.ptr());
+      obj = resolved;
+    }
+    if (api->dltensor_from_py_object_no_sync(obj.ptr(), &ctx.scratch) != 0) {
+      py::error_already_set e;
+      if (!is_export_failure(e)) throw e;
+      refuse_export(e, obj, what, i);
+    }
+    ctx.keep.add(obj.ptr());
     from_dltensor(ctx.scratch, writable, false, what, i, out);
     if (out.view.device.kind == DeviceKind::cuda && api->current_work_stream) ctx.cuda_api = api;
     return;
@@ -200,22 +299,31 @@ void import_dlpack(py::handle obj, bool writable, const char* what, size_t i, Im
   // CUDA producers order their pending work before our stream: the explicit one, else the
   // legacy default stream (1), on which the engine then launches.
   py::object stream = py::none();
-  if (py::hasattr(obj, "__dlpack_device__")) {
-    py::tuple dev = obj.attr("__dlpack_device__")();
-    const int kind = dev[0].cast<int>();
-    if (kind == dlpack::kCUDA || kind == dlpack::kCUDAManaged)
-      stream = py::int_(ctx.stream > 0 ? ctx.stream : 1);
-  }
   try {
-    if (stream.is_none())
-      capsule = method(py::arg("max_version") = py::make_tuple(1, 3), py::arg("copy") = false);
-    else
-      capsule = method(py::arg("stream") = stream, py::arg("max_version") = py::make_tuple(1, 3),
-                       py::arg("copy") = false);
+    if (py::hasattr(obj, "__dlpack_device__")) {
+      py::object dev = obj.attr("__dlpack_device__")();
+      if (!py::isinstance<py::tuple>(dev) || py::len(dev) != 2 || !py::isinstance<py::int_>(dev[py::int_(0)]))
+        throw TypeError(where(what, i) + ".__dlpack_device__() did not return a (device_type, device_id) tuple");
+      const long long kind = PyLong_AsLongLong(py::object(dev[py::int_(0)]).ptr());
+      if (kind == -1 && PyErr_Occurred()) throw py::error_already_set();
+      if (kind == dlpack::kCUDA || kind == dlpack::kCUDAManaged)
+        stream = py::int_(ctx.stream > 0 ? ctx.stream : 1);
+    }
+    try {
+      if (stream.is_none())
+        capsule = method(py::arg("max_version") = py::make_tuple(1, 3), py::arg("copy") = false);
+      else
+        capsule = method(py::arg("stream") = stream, py::arg("max_version") = py::make_tuple(1, 3),
+                         py::arg("copy") = false);
+    } catch (py::error_already_set& e) {
+      if (!e.matches(PyExc_TypeError)) throw;
+      capsule = stream.is_none() ? method() : method(py::arg("stream") = stream);
+    }
   } catch (py::error_already_set& e) {
-    if (!e.matches(PyExc_TypeError)) throw;
-    capsule = stream.is_none() ? method() : method(py::arg("stream") = stream);
+    if (!is_export_failure(e)) throw;
+    refuse_export(e, obj, what, i);
   }
+  ctx.keep.add(obj.ptr());
   Owned& owned = ctx.owned;
   PyObject* cap = capsule.ptr();
   if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
@@ -238,9 +346,30 @@ void import_dlpack(py::handle obj, bool writable, const char* what, size_t i, Im
   }
 }
 
+// numpy.generic, the base of NumPy's scalar types (np.float32(1.0), ...).
+bool is_numpy_scalar(py::handle obj) {
+  static PyObject* generic = [] {
+    return py::object(py::module_::import("numpy").attr("generic")).release().ptr();  // leaked on purpose
+  }();
+  return PyObject_IsInstance(obj.ptr(), generic) == 1;
+}
+
 void import_tensor(py::handle obj, bool writable, const char* what, size_t i, Imported& out, ImportContext& ctx) {
   if (py::detail::npy_api::get().PyArray_Check_(obj.ptr())) {
     import_numpy(obj, writable, what, i, out);
+    ctx.keep.add(obj.ptr());
+    return;
+  }
+  if (is_numpy_scalar(obj)) {
+    // Keras takes a 0-d gradient computed with NumPy, which is a NumPy scalar: read it through
+    // a 0-d array. A variable must change in place, and a scalar is immutable.
+    if (writable)
+      throw TypeError(where(what, i) + " is a NumPy scalar (" + type_name(obj) +
+                      "), which is immutable; variables must be arrays (a 0-d array works)");
+    py::array arr = py::array::ensure(obj);
+    if (!arr) throw TypeError(where(what, i) + " is a NumPy scalar that cannot be read as an array");
+    import_numpy(arr, writable, what, i, out);
+    ctx.keep.add(arr.ptr());
     return;
   }
   import_dlpack(obj, writable, what, i, out, ctx);
@@ -520,23 +649,39 @@ class Engine {
     }
     if (touches_all) {
       for (size_t pos = 0; pos < n_built; ++pos) {
-        if (var_views_[pos].data || sgd_.variable_spec(pos).numel == 0) continue;
+        if (var_views_[pos].data) continue;
+        if (sgd_.variable_spec(pos).numel == 0) {
+          // An empty variable is not imported, but its view still carries its dtype and
+          // device for the engine's checks (a default view read as float32: issue 14).
+          var_views_[pos] = sgd_.variable_spec(pos);
+          var_views_[pos].data = &present_[pos];
+          continue;
+        }
         Imported vi;
         import_tensor(built_[pos], true, "variables", pos, vi, ctx);
         var_views_[pos] = vi.view;
       }
     }
-    if (ctx.stream >= 0) {
-      sgd_.set_stream(uintptr_t(ctx.stream));
-    } else if (ctx.cuda_api) {
-      // Launch where the producer (e.g. torch) queues its own work: its current stream.
-      for (size_t pos = 0; pos < n_built; ++pos) {
-        if (var_views_[pos].device.kind != DeviceKind::cuda) continue;
-        void* s = nullptr;
-        if (ctx.cuda_api->current_work_stream(dlpack::kCUDA, var_views_[pos].device.index, &s) != 0)
+    // Which stream the step launches on, applied by the engine only once the step is
+    // validated: the explicit one (ordered after the producer's current stream when the
+    // exchange API names it), else the producer's current stream, else the legacy default
+    // stream on which __dlpack__ was asked to order its work.
+    int cuda_index = -1;
+    for (size_t pos = 0; pos < n_built && cuda_index < 0; ++pos)
+      if (var_views_[pos].device.kind == DeviceKind::cuda) cuda_index = var_views_[pos].device.index;
+    if (cuda_index >= 0) {
+      std::optional<uintptr_t> producer;
+      if (ctx.cuda_api) {
+        void* current = nullptr;
+        if (ctx.cuda_api->current_work_stream(dlpack::kCUDA, cuda_index, &current) != 0)
           throw py::error_already_set();
-        sgd_.set_stream(reinterpret_cast<uintptr_t>(s));
-        break;
+        producer = reinterpret_cast<uintptr_t>(current);
+      }
+      if (ctx.stream >= 0) {
+        r.stream = uintptr_t(ctx.stream);
+        if (producer && *producer != *r.stream) r.wait_for_stream = producer;
+      } else {
+        r.stream = producer.value_or(0);
       }
     }
     r.variables = var_views_.data();
@@ -570,6 +715,10 @@ PYBIND11_MODULE(_core, m) {
       PyErr_SetString(PyExc_TypeError, e.what());
     } catch (const fastsgd::ValueError& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const py::cast_error& e) {
+      // pybind11 would raise RuntimeError for an argument it cannot convert (an int beyond
+      // int64 for a stream or a count, ...): that is a wrong argument, so a TypeError.
+      PyErr_SetString(PyExc_TypeError, e.what());
     }
   });
 

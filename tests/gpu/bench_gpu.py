@@ -74,8 +74,20 @@ def bench_case(name, shapes, dtype, fastsgd_kwargs, torch_kwargs, bytes_per_elem
     n = sum(p.numel() for p in params)
     result = {"case": name, "dtype": str(dtype).replace("torch.", ""), "tensors": len(params), "elements": n}
 
-    opt = fastsgd.SGD(learning_rate=0.01, **fastsgd_kwargs)
-    step = lambda: opt.apply(grads, params)  # noqa: E731
+    if "engine" in fastsgd_kwargs:
+        # The native engine directly: torch's rule, skip_nonfinite (one measuring pass and a
+        # host sync per step), which the Keras-shaped facade does not expose.
+        core = fastsgd._core
+        options = core.Options()
+        for key, value in fastsgd_kwargs["engine"].items():
+            setattr(options, key, value)
+        options.group = core.Group(learning_rate=0.01, **fastsgd_kwargs.get("group", {}))
+        engine = core.Engine(options)
+        engine.build(params)
+        step = lambda: engine.step(grads)  # noqa: E731
+    else:
+        opt = fastsgd.SGD(learning_rate=0.01, **fastsgd_kwargs)
+        step = lambda: opt.apply(grads, params)  # noqa: E731
     for _ in range(warmup):
         step()
     ms = cuda_time(step, steps, repeats)
@@ -126,6 +138,17 @@ def main(argv=None):
         ("plain", torch.float32, {}, {}, 3 * 4),
         ("nesterov_wd", torch.float32, {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
          {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}, 5 * 4),
+        ("torch_rule_momentum_l2", torch.float32,
+         {"engine": {"convention": fastsgd._core.Convention.torch},
+          "group": {"momentum": 0.9, "weight_decay": 1e-4}},
+         {"momentum": 0.9, "weight_decay": 1e-4}, 5 * 4),
+        ("torch_rule_nesterov_maximize", torch.float32,
+         {"engine": {"convention": fastsgd._core.Convention.torch},
+          "group": {"momentum": 0.9, "nesterov": True, "maximize": True}},
+         {"momentum": 0.9, "nesterov": True, "maximize": True}, 5 * 4),
+        # skip_nonfinite: a measuring pass (reads g) and a host sync before the update.
+        ("momentum_skip_nonfinite", torch.float32,
+         {"engine": {"skip_nonfinite": True}, "group": {"momentum": 0.9}}, None, 6 * 4),
         ("momentum_global_clipnorm", torch.float32, {"momentum": 0.9, "global_clipnorm": 1.0}, None, 6 * 4),
         ("momentum_clipnorm", torch.float32, {"momentum": 0.9, "clipnorm": 1.0}, None, 6 * 4),
         # bf16 variables, float32 momentum: 2+2+4 in, 2+4 out

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Builds fastsgd with CUDA and runs the GPU checks on a GPU machine without network access:
-#   1. the host-side functor test (CUDA algorithm vs the CPU engine, no GPU needed),
-#   2. tests/test_gpu.py (CUDA tensors vs the CPU engine; must not skip here),
+#   1. the host-side functor test (CUDA algorithm vs the CPU engine, no GPU needed: both
+#      rules, parameter groups, maximize, L2/decoupled decay, fresh momentum, measure()),
+#   2. tests/test_gpu.py (CUDA tensors vs the CPU engine; must not skip here): the torch rule
+#      with groups bit for bit, grad_stats / skip_nonfinite / external global sums, refusal
+#      of CUDA graph capture, explicit and side streams,
 #   3. tests/gpu/bench_gpu.py (bert-base-shaped steps vs torch.optim.SGD(fused=True), and
-#      bandwidth vs a device-to-device copy).
+#      bandwidth vs a device-to-device copy; the torch rule and skip_nonfinite included).
+# Overflow skips: the engine takes found_inf as a host bool (GradScaler's device flag must be
+# read by the caller, one sync); there is no device-side found_inf.
 #
 # Assumes (nothing is downloaded):
 #   * an NVIDIA GPU of compute capability >= 7.5 and a driver >= 580 (CUDA 13 runtime);

@@ -60,19 +60,17 @@ int failures = 0;
 // ---- the host runner: the backend's launches, thread by thread ------------------------------
 
 struct HostRunner {
-  double* partials = nullptr;
-  double* sums = nullptr;
+  gpu::Pair* partials = nullptr;
+  gpu::Pair* sums = nullptr;
   double* clip = nullptr;
-  bool skip_norm = false;  // keep a clip table filled by the test
 
   void sum_squares(Combo c, bool merge, const LaunchMeta& meta, const StepScalars& s) {
-    if (skip_norm) return;
     gpu::visit_combo(c, [&](auto wt, auto st) {
       using W = typename decltype(wt)::type;
       using S = typename decltype(st)::type;
       gpu::visit_sum_squares<W, S>(merge, [&](auto ft) {
         using F = typename decltype(ft)::type;
-        double buf[gpu::kBlockThreads];
+        gpu::Pair buf[gpu::kBlockThreads];
         for (int64_t b = 0; b < gpu::launch_chunks(meta); ++b) {
           for (int tid = 0; tid < gpu::kBlockThreads; ++tid) buf[tid] = F::thread_sum(meta, b, tid, s);
           partials[meta.partial_base + b] = gpu::block_reduce_host(buf);
@@ -82,8 +80,7 @@ struct HostRunner {
   }
 
   void tensor_norms(const LaunchMeta& meta, bool per_tensor, double clipnorm) {
-    if (skip_norm) return;
-    double buf[gpu::kBlockThreads];
+    gpu::Pair buf[gpu::kBlockThreads];
     for (int b = 0; b < meta.count; ++b) {
       for (int tid = 0; tid < gpu::kBlockThreads; ++tid)
         buf[tid] = gpu::TensorNormStage::thread_sum(meta, b, tid, partials);
@@ -91,11 +88,8 @@ struct HostRunner {
     }
   }
 
-  void global_clip(int32_t rows, double clipnorm) {
-    if (skip_norm) return;
-    double buf[gpu::kBlockThreads];
-    for (int tid = 0; tid < gpu::kBlockThreads; ++tid) buf[tid] = gpu::GlobalNormStage::thread_sum(rows, tid, sums);
-    gpu::GlobalNormStage::finish(gpu::block_reduce_host(buf), clipnorm, clip);
+  void global_clip(int32_t rows, double clipnorm, bool narrow) {
+    gpu::GlobalNormStage::finish(gpu::GlobalNormStage::total(rows, sums), clipnorm, narrow, clip);
   }
 
   void pass(Combo c, const PassVariant& v, const LaunchMeta& meta, const StepScalars& s, bool uses_clip) {
@@ -108,6 +102,18 @@ struct HostRunner {
           for (int tid = 0; tid < gpu::kBlockThreads; ++tid) F::block(meta, b, tid, s, uses_clip ? clip : nullptr);
       });
     });
+  }
+};
+
+// Device scratch of one emulated backend call, sized as the backend sizes it.
+struct Scratch {
+  std::vector<gpu::Pair> partials, sums;
+  std::vector<double> clip;
+  HostRunner runner(const gpu::StepLaunches& L) {
+    partials.assign(size_t(L.norm_chunks) + 1, gpu::Pair{-555.0, -555.0});
+    sums.assign(size_t(L.norm_rows) + 1, gpu::Pair{-666.0, -666.0});
+    clip.assign(size_t(2 * L.clip_rows()), -777.0);
+    return HostRunner{partials.data(), sums.data(), clip.data()};
   }
 };
 
@@ -125,12 +131,19 @@ struct Buffer {
   }
 };
 
+// One parameter group's hyper-parameters, as the engine turns them into TensorScalars.
+struct GroupSpec {
+  double lr = 0.01, momentum = 0.0, dampening = 0.0, wd = 0.0;
+  bool nesterov = false, l2 = false, maximize = false;
+};
+
 // What one task looks like, independent of the copy it lives in.
 struct TaskSpec {
   PassKind kind;
   DType var, slot;
   int64_t numel;
-  bool decays;
+  int group;
+  bool decays, fresh;
   size_t misalign_var, misalign_slot;  // bytes
 };
 
@@ -178,42 +191,63 @@ struct Case {
   detail::PassFeatures features;
   NormClip norm_clip = NormClip::none;
   double clipnorm = 0.0;
+  Convention rule = Convention::keras;
+  std::vector<GroupSpec> groups;
   std::vector<TaskSpec> tasks;
-  bool has_m = false, has_acc = false, has_avg = false;
+  bool has_acc = false, has_avg = false;
+  double special_rate = 0.01;  // share of Inf/NaN/extreme gradient values
   std::string describe() const {
-    char s[256];
-    std::snprintf(s, sizeof(s), "tasks=%zu mom=%d merge=%d ema=%d clip=%d kind0=%d lr=%g wd=%g cv=%g keep=%g ow=%d",
-                  tasks.size(), int(features.momentum), int(features.merge_window), int(features.ema),
-                  int(norm_clip), tasks.empty() ? -1 : int(tasks[0].kind), scalars.learning_rate,
-                  scalars.weight_decay, scalars.clip_value, scalars.ema_keep, int(scalars.ema_overwrite));
+    char s[320];
+    const GroupSpec& g = groups[0];
+    std::snprintf(s, sizeof(s),
+                  "tasks=%zu groups=%zu rule=%d merge=%d ema=%d clip=%d kind0=%d lr=%g mom=%g nest=%d damp=%g "
+                  "wd=%g l2=%d max=%d cv=%g keep=%g ow=%d gs=%g",
+                  tasks.size(), groups.size(), int(rule), int(features.merge_window), int(features.ema),
+                  int(norm_clip), tasks.empty() ? -1 : int(tasks[0].kind), g.lr, g.momentum, int(g.nesterov),
+                  g.dampening, g.wd, int(g.l2), int(g.maximize), scalars.clip_value, scalars.ema_keep,
+                  int(scalars.ema_overwrite), scalars.grad_scale);
     return s;
   }
 };
 
-// A plan the engine could produce (sgd.cpp's rules), with random sizes, dtypes and alignment.
+GroupSpec random_group(std::mt19937_64& rng, Convention rule) {
+  auto coin = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
+  auto uni = [&](double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng); };
+  GroupSpec g;
+  g.lr = uni(1e-4, 0.5);
+  if (coin(0.7)) g.momentum = coin(0.5) ? 0.9 : uni(0.0, 1.0);
+  g.nesterov = g.momentum != 0.0 && coin(0.4);
+  if (rule == Convention::torch && g.momentum != 0.0 && !g.nesterov && coin(0.4)) g.dampening = uni(0.0, 1.0);
+  if (coin(0.5)) g.wd = uni(1e-4, 0.1);
+  g.l2 = rule == Convention::torch ? coin(0.8) : coin(0.2);
+  g.maximize = coin(0.25);
+  return g;
+}
+
+// A plan the engine could produce (sgd.cpp's rules), with random groups, sizes, dtypes and
+// alignment.
 Case random_case(std::mt19937_64& rng, int index) {
   auto coin = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
   auto pick = [&](int n) { return std::uniform_int_distribution<int>(0, n - 1)(rng); };
   Case c;
+  c.rule = coin(0.5) ? Convention::torch : Convention::keras;
   const bool finalize = coin(0.06);
   const bool accumulating = coin(0.35);
   const bool update_call = !accumulating || coin(0.5);
   const bool ema = coin(0.4);
-  c.has_m = coin(0.7);
   c.has_acc = accumulating;
   c.has_avg = ema || finalize;
+  c.special_rate = coin(0.5) ? 0.01 : 0.0;
+  const int n_groups = 1 + pick(3);
+  for (int g = 0; g < n_groups; ++g) c.groups.push_back(random_group(rng, c.rule));
   StepScalars& s = c.scalars;
   if (!finalize) {
-    s.learning_rate = update_call ? std::uniform_real_distribution<double>(1e-4, 0.5)(rng) : 0.0;
-    s.momentum = c.has_m ? (coin(0.5) ? 0.9 : std::uniform_real_distribution<double>(0.0, 1.0)(rng)) : 0.0;
     s.grad_scale = coin(0.3) ? 1.0 / 1024.0 : (coin(0.2) ? 1.0 / 3.0 : 1.0);
     s.window = (accumulating && update_call) ? double(2 + pick(4)) : 1.0;
-    s.weight_decay = coin(0.4) ? std::uniform_real_distribution<double>(1e-4, 0.1)(rng) : 0.0;
     s.ema_keep = ema && coin(0.8) ? (coin(0.5) ? 0.99 : std::uniform_real_distribution<double>(0.0, 1.0)(rng)) : 0.0;
     s.merge_window = accumulating && update_call;
     s.reset_accumulator = accumulating && update_call;
     s.ema_overwrite = ema && coin(0.2);
-    c.features.momentum = !c.has_m ? MomentumKind::none : (coin(0.5) ? MomentumKind::nesterov : MomentumKind::heavy_ball);
     c.features.merge_window = s.merge_window;
     c.features.ema = ema;
     const int clip = pick(4);  // none, clipvalue, clipnorm, global_clipnorm
@@ -223,6 +257,7 @@ Case random_case(std::mt19937_64& rng, int index) {
       c.clipnorm = std::uniform_real_distribution<double>(0.05, 50.0)(rng);
     }
     c.features.norm_clip = c.norm_clip != NormClip::none;
+    c.features.grad_transforms = s.grad_scale != 1.0 || s.clip_value > 0;
   }
   const bool touches_all = ema || (accumulating && update_call);
   // Sizes: tails, exact chunks, several chunks; sometimes > kMaxTensors tensors.
@@ -243,7 +278,9 @@ Case random_case(std::mt19937_64& rng, int index) {
     ts.slot = ts.var;
     if ((ts.var == DType::float16 || ts.var == DType::bfloat16) && coin(0.5)) ts.slot = DType::float32;
     ts.numel = n_tasks > 100 ? 1 + pick(3000) : sizes[pick(int(sizeof(sizes) / sizeof(sizes[0])))];
+    ts.group = pick(n_groups);
     ts.decays = coin(0.8);
+    ts.fresh = coin(0.3);
     ts.misalign_var = coin(0.25) ? size_t(dtype_size(ts.var)) * size_t(1 + pick(3)) : 0;
     ts.misalign_slot = coin(0.1) ? size_t(dtype_size(ts.slot)) : 0;
     c.tasks.push_back(ts);
@@ -257,7 +294,8 @@ Case random_case(std::mt19937_64& rng, int index) {
   return c;
 }
 
-// Builds the case's buffers: random contents, or the contents of `like` (same layout).
+// Builds the case's buffers: random contents, or the contents of `like` (same layout). The
+// tasks' TensorScalars follow sgd.cpp's plan_step.
 void make_world(const Case& c, uint64_t seed, World& world, const World* like = nullptr) {
   std::mt19937_64 rng(seed);
   world.bufs.assign(c.tasks.size() * 5, Buffer{});
@@ -268,18 +306,31 @@ void make_world(const Case& c, uint64_t seed, World& world, const World* like = 
   world.plan.clipnorm = c.clipnorm;
   for (size_t i = 0; i < c.tasks.size(); ++i) {
     const TaskSpec& ts = c.tasks[i];
+    const GroupSpec& g = c.groups[size_t(ts.group)];
+    PassTask t;
+    t.kind = ts.kind;
+    t.index = i;
+    if (ts.kind != PassKind::finalize) {
+      t.rule = c.rule;
+      t.momentum = g.momentum == 0.0 ? MomentumKind::none : g.nesterov ? MomentumKind::nesterov : MomentumKind::heavy_ball;
+      t.ts.learning_rate = g.lr;
+      t.ts.momentum = g.momentum;
+      t.ts.dampening = g.dampening;
+      t.ts.weight_decay = ts.decays ? g.wd : 0.0;
+      t.ts.decay_l2 = g.l2;
+      t.ts.maximize = g.maximize;
+      t.ts.fresh_momentum = c.rule == Convention::torch && t.momentum != MomentumKind::none && ts.fresh;
+    }
     Buffer* b = &world.bufs[i * 5];
     const size_t vb = size_t(ts.numel) * size_t(dtype_size(ts.var));
     const size_t sb = size_t(ts.numel) * size_t(dtype_size(ts.slot));
-    const bool present[5] = {true, true, c.has_m, c.has_acc, c.has_avg};
+    const bool present[5] = {true, true, t.momentum != MomentumKind::none, c.has_acc, c.has_avg};
     for (int k = 0; k < 5; ++k) {
       if (!present[k]) continue;
       b[k].make(k < 2 ? vb : sb, k < 2 ? ts.misalign_var : ts.misalign_slot);
       if (like) std::memcpy(b[k].p, like->bufs[i * 5 + size_t(k)].p, b[k].bytes);
-      else fill(b[k].p, k < 2 ? ts.var : ts.slot, ts.numel, rng, k < 2 ? 0.01 : 0.005);
+      else fill(b[k].p, k < 2 ? ts.var : ts.slot, ts.numel, rng, k < 2 ? c.special_rate : c.special_rate / 2);
     }
-    PassTask t;
-    t.kind = ts.kind;
     t.var_dtype = ts.var;
     t.slot_dtype = ts.slot;
     t.numel = ts.numel;
@@ -288,47 +339,48 @@ void make_world(const Case& c, uint64_t seed, World& world, const World* like = 
     t.m = b[2].p;
     t.acc = b[3].p;
     t.avg = b[4].p;
-    t.ts.decays = ts.decays;
     world.plan.tasks.push_back(t);
   }
 }
 
-// Runs the CUDA algorithm on the host. `cpu_clip`: fill the clip table from a plan the CPU
-// backend has executed (its TensorScalars) instead of running the norm stages.
-void run_emulated(World& world, const StepPlan* cpu_clip, std::vector<double>* clip_out = nullptr) {
-  gpu::StepLaunches launches;
-  launches.build(world.plan);
-  std::vector<double> partials(size_t(launches.norm_chunks) + 1), sums(size_t(launches.norm_rows) + 1),
-      clip(size_t(2 * launches.clip_rows()), -777.0);
-  HostRunner r;
-  r.partials = partials.data();
-  r.sums = sums.data();
-  r.clip = clip.data();
-  if (cpu_clip && world.plan.norm_clip != NormClip::none) {
-    r.skip_norm = true;
-    int row = 0;
-    for (const PassTask& t : cpu_clip->tasks) {
-      if (t.kind != PassKind::update) continue;
-      clip[size_t(2 * row)] = t.ts.clip_mul;
-      clip[size_t(2 * row + 1)] = t.ts.clip_div;
-      ++row;
-      if (world.plan.norm_clip == NormClip::global) break;
-    }
-  }
-  gpu::run_step(launches, r);
-  if (clip_out) *clip_out = clip;
-
-  // Packing invariants: every task in exactly one pass launch, chunk tables consistent.
+// The packing invariants: every task in exactly one pass launch of its own variant, chunk
+// tables consistent.
+void check_packing(const gpu::StepLaunches& launches, const StepPlan& plan) {
   int64_t tensors = 0;
   for (size_t i = 0; i < launches.pass_count; ++i) {
-    const LaunchMeta& m = launches.pass(i).meta;
+    const gpu::Launch& l = launches.pass(i);
+    const LaunchMeta& m = l.meta;
     CHECK(m.count > 0 && m.count <= gpu::kMaxTensors, "launch with %d tensors", m.count);
-    for (int t = 0; t < m.count; ++t)
+    for (int t = 0; t < m.count; ++t) {
       CHECK(m.chunk_start[t + 1] - m.chunk_start[t] == gpu::chunks_of(m.tensors[t].numel), "chunk table");
+      CHECK(m.tensors[t].numel > 0, "empty tensor packed");
+    }
     tensors += m.count;
   }
-  CHECK(tensors == int64_t(world.plan.tasks.size()), "packed %lld of %zu tasks", (long long)tensors,
-        world.plan.tasks.size());
+  CHECK(tensors == int64_t(plan.tasks.size()), "packed %lld of %zu tasks", (long long)tensors, plan.tasks.size());
+}
+
+// Runs the CUDA backend's execute() on the host: host clip coefficients when the plan has
+// measured sums or an external global sum, else the device norm stages.
+void run_emulated(World& world, std::vector<double>* clip_out = nullptr) {
+  gpu::StepLaunches launches;
+  const bool host_clip = gpu::host_clip_coefficients(world.plan);
+  launches.build(world.plan, world.plan.norm_clip != NormClip::none && !host_clip);
+  Scratch scratch;
+  HostRunner r = scratch.runner(launches);
+  gpu::run_step(launches, r);
+  if (clip_out) *clip_out = scratch.clip;
+  check_packing(launches, world.plan);
+}
+
+// The CUDA backend's measure() on the host.
+void measure_emulated(World& world) {
+  gpu::StepLaunches launches;
+  launches.build_measure(world.plan);
+  Scratch scratch;
+  HostRunner r = scratch.runner(launches);
+  gpu::run_measure(launches, r);
+  gpu::collect_measure(launches, scratch.sums.data(), world.plan.measured);
 }
 
 size_t elem_size_of(const Case& c, size_t task, int slot) {
@@ -394,6 +446,32 @@ bool close_values(const Case& c, const World& a, const World& b, int case_index)
   return true;
 }
 
+bool near(double a, double b, double rel) {
+  return (std::isnan(a) && std::isnan(b)) || a == b || std::fabs(a - b) <= rel * std::max(std::fabs(a), std::fabs(b));
+}
+
+// measure(): per-task sums close to the CPU's (both sum in double, in different orders), the
+// non-finite flag and which tasks were measured exactly the same.
+void compare_measure(const Case& c, const World& world, int i) {
+  World cpu_w, gpu_w;
+  auto cpu = detail::make_cpu_backend();
+  make_world(c, 1, cpu_w, &world);
+  make_world(c, 1, gpu_w, &world);
+  cpu->measure(cpu_w.plan);
+  measure_emulated(gpu_w);
+  const auto& a = cpu_w.plan.measured;
+  const auto& b = gpu_w.plan.measured;
+  CHECK(a.nonfinite == b.nonfinite, "case %d (%s): measure nonfinite cpu %d cuda %d", i, c.describe().c_str(),
+        int(a.nonfinite), int(b.nonfinite));
+  CHECK(a.task_sums.size() == b.task_sums.size(), "case %d: measure sizes", i);
+  for (size_t t = 0; t < a.task_sums.size() && t < b.task_sums.size(); ++t)
+    CHECK(near(a.task_sums[t], b.task_sums[t], 1e-12), "case %d (%s): task %zu sum cpu %.17g cuda %.17g", i,
+          c.describe().c_str(), t, a.task_sums[t], b.task_sums[t]);
+  CHECK(near(a.total, b.total, 1e-12), "case %d: total cpu %.17g cuda %.17g", i, a.total, b.total);
+  // Nothing changed.
+  same_bits(c, world, gpu_w, "buffers after measure", i);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -401,53 +479,79 @@ int main(int argc, char** argv) {
   const uint64_t seed = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 20240611u;
   std::mt19937_64 rng(seed);
   auto cpu = detail::make_cpu_backend();
-  int clipped = 0, bitwise = 0;
+  int clipped = 0, bitwise = 0, torch = 0;
   for (int i = 0; i < cases; ++i) {
     const Case c = random_case(rng, i);
+    torch += c.rule == Convention::torch;
     const uint64_t data_seed = rng();
-    World cpu_world, cuda_world;
-    make_world(c, data_seed, cpu_world);
-    make_world(c, data_seed, cuda_world, &cpu_world);
-    cpu->execute(cpu_world.plan);  // writes the clip coefficients into its plan's tasks
+    World input, cpu_world, cuda_world;
+    make_world(c, data_seed, input);
+    make_world(c, data_seed, cpu_world, &input);
+    make_world(c, data_seed, cuda_world, &input);
+    compare_measure(c, input, i);
 
     if (c.norm_clip == NormClip::none) {
-      run_emulated(cuda_world, nullptr);
+      cpu->execute(cpu_world.plan);
+      run_emulated(cuda_world);
       same_bits(c, cpu_world, cuda_world, "element-wise step", i);
       ++bitwise;
       continue;
     }
     ++clipped;
-    // 1. Same coefficients -> the same bits.
-    World fixed;
-    make_world(c, data_seed, fixed, &cuda_world);
-    run_emulated(fixed, &cpu_world.plan);
-    same_bits(c, cpu_world, fixed, "update with the CPU's clip coefficients", i);
-    // 2. The device norm stages: coefficients close to the CPU's, values a few ulp apart.
-    World fixed_input;
-    make_world(c, data_seed, fixed_input, &cuda_world);  // the inputs, for the repeat below
+    // 1. Sums the host already has (the CPU's measure, as after skip_nonfinite's check) ->
+    //    the same coefficients -> the same bits.
+    cpu->measure(cpu_world.plan);
+    cpu_world.plan.measured_valid = true;
+    cuda_world.plan.measured = cpu_world.plan.measured;
+    cuda_world.plan.measured_valid = true;
+    cpu->execute(cpu_world.plan);
+    run_emulated(cuda_world);
+    same_bits(c, cpu_world, cuda_world, "update with the measured sums", i);
+    // 2. global_clipnorm from a sum computed outside: bit for bit as well.
+    if (c.norm_clip == NormClip::global) {
+      World cpu_ext, cuda_ext;
+      make_world(c, data_seed, cpu_ext, &input);
+      make_world(c, data_seed, cuda_ext, &input);
+      const double outside = (i % 5 == 0) ? INFINITY : std::uniform_real_distribution<double>(0.0, 1e4)(rng);
+      for (World* w : {&cpu_ext, &cuda_ext}) {
+        w->plan.external_global = true;
+        w->plan.global_sum_squares = outside;
+      }
+      cpu->execute(cpu_ext.plan);
+      run_emulated(cuda_ext);
+      same_bits(c, cpu_ext, cuda_ext, "update with an external global sum", i);
+    }
+    // 3. The device norm stages: coefficients close to the CPU's, values a few ulp apart.
+    World device;
+    make_world(c, data_seed, device, &input);
     std::vector<double> clip;
-    run_emulated(cuda_world, nullptr, &clip);
+    run_emulated(device, &clip);
     int row = 0;
     for (const PassTask& t : cpu_world.plan.tasks) {
       if (t.kind != PassKind::update) continue;
       const double mul = clip[size_t(2 * row)], div = clip[size_t(2 * row + 1)];
-      auto near = [](double a, double b) {
-        return (std::isnan(a) && std::isnan(b)) || a == b || std::fabs(a - b) <= 1e-12 * std::max(std::fabs(a), std::fabs(b));
-      };
-      CHECK(near(mul, t.ts.clip_mul) && near(div, t.ts.clip_div),
-            "case %d (%s): clip row %d: cuda (%.17g, %.17g) cpu (%.17g, %.17g)", i, c.describe().c_str(), row, mul, div,
-            t.ts.clip_mul, t.ts.clip_div);
+      CHECK(near(mul, t.ts.clip_mul, 1e-12) && near(div, t.ts.clip_div, 1e-12),
+            "case %d (%s): clip row %d: cuda (%.17g, %.17g) cpu (%.17g, %.17g)", i, c.describe().c_str(), row, mul,
+            div, t.ts.clip_mul, t.ts.clip_div);
       if (c.norm_clip == NormClip::per_tensor) ++row;
     }
-    close_values(c, cpu_world, cuda_world, i);
-    // 3. Deterministic: a second run gives the same bits.
+    close_values(c, cpu_world, device, i);
+    // 4. The device stages agree bit for bit with host coefficients from the device's own
+    //    measure (skip_nonfinite on or off gives the same step).
+    World measured;
+    make_world(c, data_seed, measured, &input);
+    measure_emulated(measured);
+    measured.plan.measured_valid = true;
+    run_emulated(measured);
+    same_bits(c, device, measured, "device-clipped vs measured-then-clipped", i);
+    // 5. Deterministic: a second run gives the same bits.
     World again;
-    make_world(c, data_seed, again, &fixed_input);
-    run_emulated(again, nullptr);
-    same_bits(c, cuda_world, again, "repeat of a norm-clipped step", i);
+    make_world(c, data_seed, again, &input);
+    run_emulated(again);
+    same_bits(c, device, again, "repeat of a norm-clipped step", i);
   }
-  std::printf("%d cases (%d element-wise bit-exact, %d norm-clipped): %s\n", cases, bitwise, clipped,
-              failures ? "FAILED" : "ok");
+  std::printf("%d cases (%d torch rule; %d element-wise bit-exact, %d norm-clipped): %s\n", cases, torch, bitwise,
+              clipped, failures ? "FAILED" : "ok");
   if (failures) std::printf("%d failure(s)\n", failures);
   return failures ? 1 : 0;
 }

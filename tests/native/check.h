@@ -125,6 +125,28 @@ constexpr int kSkip = 77;
     if (!check_thrown_) ::check::fail_at(__FILE__, __LINE__, #stmt " did not throw " #Exc);        \
   } while (0)
 
+// CHECK_THROWS_WITH(ExceptionType, text, statement): as CHECK_THROWS, and the message
+// contains `text`.
+#define CHECK_THROWS_WITH(Exc, text, stmt)                                                         \
+  do {                                                                                             \
+    ++::check::checks();                                                                           \
+    bool check_thrown_ = false;                                                                    \
+    try {                                                                                          \
+      stmt;                                                                                        \
+    } catch (const Exc& check_e_) {                                                                \
+      check_thrown_ = true;                                                                        \
+      if (std::string(check_e_.what()).find(text) == std::string::npos)                            \
+        ::check::fail_at(__FILE__, __LINE__,                                                       \
+                         std::string(#stmt " threw \"") + check_e_.what() + "\", expected \"" +     \
+                             (text) + "\" in it");                                                \
+    } catch (const std::exception& check_e_) {                                                     \
+      ::check::fail_at(__FILE__, __LINE__,                                                         \
+                       std::string(#stmt " threw another exception: ") + check_e_.what());         \
+      check_thrown_ = true;                                                                        \
+    }                                                                                              \
+    if (!check_thrown_) ::check::fail_at(__FILE__, __LINE__, #stmt " did not throw " #Exc);        \
+  } while (0)
+
 #define CHECK_NOTHROW(stmt)                                                                        \
   do {                                                                                             \
     ++::check::checks();                                                                           \

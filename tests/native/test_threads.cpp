@@ -1,10 +1,12 @@
 // (f) Results do not depend on the thread count: a multi-tensor step over more than 3 * 65536
 // elements (so two threads really split it, across and inside tensors), with global_clipnorm
-// (a threaded norm pre-pass) and per-tensor clipnorm, run with 1 and with 2 threads, must give
-// identical bits, equal to the scalar reference.
+// (a threaded norm pre-pass) and per-tensor clipnorm, under the Keras and the torch
+// convention, and with skip_nonfinite (a threaded Inf/NaN probe), run with 1 and with 2
+// threads, must give identical bits, equal to the scalar reference.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -29,9 +31,11 @@ std::vector<W> random_vector(std::mt19937& rng, int64_t n, double scale) {
   return v;
 }
 
-// Variables of dtype W (slots S); `steps` steps with fresh gradients each.
+// Variables of dtype W (slots S); `steps` steps with fresh gradients each. On `bad_step`
+// (if >= 0) one gradient element far into the largest tensor (in the second thread's share)
+// is Inf and one in a small tensor is NaN.
 template <class W, class S>
-void compare_thread_counts(const char* name, Options o, int steps) {
+void compare_thread_counts(const char* name, Options o, int steps, int bad_step = -1) {
   std::mt19937 rng(7);
   const size_t n = sizeof(kSizes) / sizeof(kSizes[0]);
   o.slots_in_variable_dtype = std::is_same<W, S>::value;
@@ -39,6 +43,11 @@ void compare_thread_counts(const char* name, Options o, int steps) {
   for (size_t i = 0; i < n; ++i) init.push_back(random_vector<W>(rng, kSizes[i], 1.0));
   for (int s = 0; s < steps; ++s)
     for (size_t i = 0; i < n; ++i) grads_per_step.push_back(random_vector<W>(rng, kSizes[i], 0.01 * (s + 1)));
+  if (bad_step >= 0) {
+    using C = typename compute_type<W>::type;
+    store(grads_per_step[size_t(bad_step) * n][size_t(kSizes[0] - 5)], C(INFINITY));
+    store(grads_per_step[size_t(bad_step) * n + 4][3], C(NAN));
+  }
 
   std::vector<std::vector<W>> result[2];
   std::vector<std::vector<S>> slots[2];
@@ -57,8 +66,11 @@ void compare_thread_counts(const char* name, Options o, int steps) {
         auto& g = grads_per_step[size_t(s) * n + i];
         grads.push_back({g.data(), int64_t(g.size()), ref::dtype_of<W>::value});
       }
-      sgd.step(views, grads, 0.05);
+      const StepResult res = sgd.step(views, grads, 0.05);
+      CHECK_MSG(res.skipped == (s == bad_step), "%s, %d thread(s), step %d: skipped=%d", name, threads, s,
+                int(res.skipped));
     }
+    CHECK(sgd.skipped_steps() == (bad_step >= 0 ? 1 : 0));
     sgd.finalize_variable_values(views);
     result[run] = w;
     for (size_t i = 0; i < n; ++i)
@@ -75,7 +87,7 @@ void compare_thread_counts(const char* name, Options o, int steps) {
   for (int s = 0; s < steps; ++s) {
     for (size_t i = 0; i < n; ++i)
       static_cast<ref::TypedVar<W, S>&>(*r.vars[i]).g = grads_per_step[size_t(s) * n + i];
-    r.step(0.05);
+    CHECK(r.step(0.05) == (s != bad_step));
   }
   r.finalize();
 
@@ -114,9 +126,9 @@ int main() {
 
   Options global;
   global.global_clipnorm = 1.0;  // the gradients' norm is well above 1: the clip is active
-  global.momentum = 0.9;
-  global.nesterov = true;
-  global.weight_decay = 0.01;
+  global.group.momentum = 0.9;
+  global.group.nesterov = true;
+  global.group.weight_decay = 0.01;
   global.use_ema = true;
   global.ema_overwrite_frequency = 2;
   compare_thread_counts<float, float>("float32 global_clipnorm+nesterov+ema", global, 3);
@@ -125,9 +137,39 @@ int main() {
 
   Options per_tensor;
   per_tensor.clipnorm = 0.5;
-  per_tensor.momentum = 0.9;
+  per_tensor.group.momentum = 0.9;
   per_tensor.gradient_accumulation_steps = 2;
   compare_thread_counts<double, double>("float64 clipnorm+accumulation", per_tensor, 4);
   compare_thread_counts<float, float>("float32 clipnorm+accumulation", per_tensor, 4);
+
+  // torch.optim.SGD's rule: b = g on the first step, dampening, L2 decay, maximize.
+  Options torch;
+  torch.convention = Convention::torch;
+  torch.global_clipnorm = 1.0;
+  torch.group.momentum = 0.9;
+  torch.group.dampening = 0.1;
+  torch.group.weight_decay = 0.01;
+  torch.group.maximize = true;
+  torch.use_ema = true;
+  compare_thread_counts<float, float>("torch float32 global_clipnorm+l2+maximize", torch, 3);
+  compare_thread_counts<bfloat16_t, float>("torch bfloat16/float32 global_clipnorm", torch, 2);
+  Options torch_nesterov;
+  torch_nesterov.convention = Convention::torch;
+  torch_nesterov.clipnorm = 0.5;
+  torch_nesterov.group.momentum = 0.8;
+  torch_nesterov.group.nesterov = true;
+  torch_nesterov.group.weight_decay = 0.02;
+  torch_nesterov.gradient_accumulation_steps = 2;
+  compare_thread_counts<double, double>("torch float64 nesterov+clipnorm+accumulation", torch_nesterov, 4);
+
+  // skip_nonfinite: the threaded Inf/NaN probe finds the bad step wherever the element lies.
+  Options skip = global;
+  skip.skip_nonfinite = true;
+  compare_thread_counts<float, float>("float32 skip_nonfinite+global_clipnorm", skip, 3, 1);
+  Options skip_torch = torch;
+  skip_torch.global_clipnorm.reset();
+  skip_torch.skip_nonfinite = true;
+  skip_torch.gradient_accumulation_steps = 2;
+  compare_thread_counts<half_t, float>("torch float16/float32 skip_nonfinite+accumulation", skip_torch, 4, 0);
   return check::finish("test_threads");
 }

@@ -6,7 +6,9 @@
 // cannot run exits with 77, which CTest reports as skipped.
 //
 // The sweep: six storage combinations (float32, float64, float16 and bfloat16 with float32
-// slots or slots of their own type) x ten option sets x every element count 0..67 (two
+// slots or slots of their own type) x twenty-one option sets (the Keras convention with and
+// without maximize / L2 decay, the torch convention with momentum, dampening, Nesterov, L2 or
+// decoupled decay and maximize, skip_nonfinite) x every element count 0..67 (two
 // AVX-512 vectors of float16-as-float32 lanes and a tail) x misalignments of 0, 1, 3, 7
 // elements from a 64-byte boundary, four steps each (and finalize_variable_values with EMA).
 // Every user buffer (variables, gradients) has sentinel elements before and after it; the
@@ -76,6 +78,7 @@ struct Scenario {
   const char* name;
   Options options;
   bool specials = false;        // inf / NaN / huge gradients in a few places
+  int specials_step = -1;       // >= 0: only on this step
   int missing_step = -1;        // on this step variable 1 has no gradient
   bool second_decays = true;
 };
@@ -89,50 +92,133 @@ std::vector<Scenario> scenarios() {
     list.push_back(s);
   };
   add("plain", [](Scenario&) {});
-  add("momentum", [](Scenario& s) { s.options.momentum = 0.9; });
+  add("momentum", [](Scenario& s) { s.options.group.momentum = 0.9; });
   add("nesterov+weight_decay", [](Scenario& s) {
-    s.options.momentum = 0.9;
-    s.options.nesterov = true;
-    s.options.weight_decay = 0.01;
+    s.options.group.momentum = 0.9;
+    s.options.group.nesterov = true;
+    s.options.group.weight_decay = 0.01;
     s.second_decays = false;
   });
   add("clipvalue+loss_scale+specials", [](Scenario& s) {
     s.options.clipvalue = 0.5;
     s.options.loss_scale_factor = 4;
-    s.options.momentum = 0.5;
+    s.options.group.momentum = 0.5;
     s.specials = true;
   });
   add("clipnorm", [](Scenario& s) {
     s.options.clipnorm = 1.0;
-    s.options.momentum = 0.9;
+    s.options.group.momentum = 0.9;
   });
   add("global_clipnorm+nesterov", [](Scenario& s) {
     s.options.global_clipnorm = 0.7;
-    s.options.momentum = 0.8;
-    s.options.nesterov = true;
+    s.options.group.momentum = 0.8;
+    s.options.group.nesterov = true;
   });
   add("ema+overwrite", [](Scenario& s) {
     s.options.use_ema = true;
     s.options.ema_momentum = 0.9;
     s.options.ema_overwrite_frequency = 2;
-    s.options.momentum = 0.9;
-    s.options.weight_decay = 0.004;
+    s.options.group.momentum = 0.9;
+    s.options.group.weight_decay = 0.004;
   });
   add("accumulate2+ema+missing", [](Scenario& s) {
     s.options.gradient_accumulation_steps = 2;
     s.options.use_ema = true;
     s.options.ema_momentum = 0.95;
-    s.options.momentum = 0.9;
+    s.options.group.momentum = 0.9;
     s.missing_step = 2;
   });
   add("accumulate3+global_clipnorm", [](Scenario& s) {
     s.options.gradient_accumulation_steps = 3;
     s.options.global_clipnorm = 1.0;
-    s.options.momentum = 0.5;
+    s.options.group.momentum = 0.5;
   });
   add("plain+specials+missing", [](Scenario& s) {
     s.specials = true;
     s.missing_step = 1;
+  });
+  // Keras order with the 0.2 per-group extras.
+  add("keras maximize+l2+momentum", [](Scenario& s) {
+    s.options.group.momentum = 0.9;
+    s.options.group.weight_decay = 0.02;
+    s.options.group.decay_form = DecayForm::l2;
+    s.options.group.maximize = true;
+    s.second_decays = false;
+  });
+  add("keras maximize+nesterov+decoupled", [](Scenario& s) {
+    s.options.group.momentum = 0.8;
+    s.options.group.nesterov = true;
+    s.options.group.weight_decay = 0.01;
+    s.options.group.maximize = true;
+  });
+  // torch.optim.SGD's rule (L2 decay by default, b = g on a slot's first step).
+  add("torch plain+l2", [](Scenario& s) {
+    s.options.convention = Convention::torch;
+    s.options.group.weight_decay = 0.01;
+    s.second_decays = false;
+  });
+  add("torch momentum", [](Scenario& s) {
+    s.options.convention = Convention::torch;
+    s.options.group.momentum = 0.9;
+  });
+  add("torch momentum+dampening+l2+maximize", [](Scenario& s) {
+    s.options.convention = Convention::torch;
+    s.options.group.momentum = 0.9;
+    s.options.group.dampening = 0.3;
+    s.options.group.weight_decay = 0.02;
+    s.options.group.maximize = true;
+  });
+  add("torch nesterov+l2", [](Scenario& s) {
+    s.options.convention = Convention::torch;
+    s.options.group.momentum = 0.8;
+    s.options.group.nesterov = true;
+    s.options.group.weight_decay = 0.01;
+    s.second_decays = false;
+  });
+  add("torch nesterov+maximize+clipvalue+loss_scale+specials", [](Scenario& s) {
+    s.options.convention = Convention::torch;
+    s.options.group.momentum = 0.7;
+    s.options.group.nesterov = true;
+    s.options.group.maximize = true;
+    s.options.clipvalue = 0.5;
+    s.options.loss_scale_factor = 4;
+    s.specials = true;
+  });
+  add("torch momentum+decoupled+global_clipnorm", [](Scenario& s) {
+    s.options.convention = Convention::torch;
+    s.options.group.momentum = 0.9;
+    s.options.group.weight_decay = 0.05;
+    s.options.group.decay_form = DecayForm::decoupled;
+    s.options.global_clipnorm = 0.7;
+  });
+  // The first update of variable 1 has no gradient: its buffer starts (b = g) one window later.
+  add("torch accumulate2+clipnorm+ema+missing", [](Scenario& s) {
+    s.options.convention = Convention::torch;
+    s.options.group.momentum = 0.9;
+    s.options.group.dampening = 0.1;
+    s.options.gradient_accumulation_steps = 2;
+    s.options.clipnorm = 1.0;
+    s.options.use_ema = true;
+    s.options.ema_momentum = 0.9;
+    s.missing_step = 1;
+  });
+  // skip_nonfinite: the step with Inf/NaN gradients changes nothing, the others go on.
+  add("skip_nonfinite+ema+momentum", [](Scenario& s) {
+    s.options.skip_nonfinite = true;
+    s.options.group.momentum = 0.9;
+    s.options.use_ema = true;
+    s.options.ema_overwrite_frequency = 2;
+    s.specials = true;
+    s.specials_step = 1;
+  });
+  add("torch skip_nonfinite+accumulate2+loss_scale", [](Scenario& s) {
+    s.options.convention = Convention::torch;
+    s.options.skip_nonfinite = true;
+    s.options.group.momentum = 0.9;
+    s.options.gradient_accumulation_steps = 2;
+    s.options.loss_scale_factor = 8;
+    s.specials = true;
+    s.specials_step = 0;
   });
   return list;
 }
@@ -202,7 +288,10 @@ bool compare(const SGD& sgd, std::vector<Side<W>*>& sides, ref::SGD& r, const Ca
         !slot_ok(sgd, SlotKind::accumulator, i, rv.acc, c, "accumulator"))
       return false;
   }
-  return CHECK_MSG(sgd.raw_iterations() == r.raw, "%s: raw_iterations", c.where().c_str());
+  return CHECK_MSG(sgd.raw_iterations() == r.raw && sgd.skipped_steps() == r.skipped,
+                   "%s: raw_iterations %lld (reference %lld), skipped_steps %lld (reference %lld)",
+                   c.where().c_str(), (long long)sgd.raw_iterations(), (long long)r.raw,
+                   (long long)sgd.skipped_steps(), (long long)r.skipped);
 }
 
 template <class W, class S>
@@ -237,7 +326,7 @@ void run_case(const Scenario& sc, int count, int mis, std::mt19937& rng) {
       rv.has_grad = !(i == 1 && step == sc.missing_step);
       for (size_t e = 0; e < rv.g.size(); ++e) {
         double v = normal(rng) * (step + 1);
-        if (sc.specials && e % 11 == 5) {
+        if (sc.specials && (sc.specials_step < 0 || sc.specials_step == step) && e % 11 == 5) {
           const double specials[] = {INFINITY, -INFINITY, NAN, 1e5, -1e38};
           v = specials[(e / 11 + size_t(step)) % 5];
         }
@@ -247,8 +336,10 @@ void run_case(const Scenario& sc, int count, int mis, std::mt19937& rng) {
       grads.push_back(rv.has_grad ? TensorView{sides[i]->g.data(), counts[i], ref::dtype_of<W>::value}
                                   : TensorView{});
     }
-    sgd.step(views, grads, kRates[step]);
-    r.step(kRates[step]);
+    const StepResult got = sgd.step(views, grads, kRates[step]);
+    const bool stepped = r.step(kRates[step]);
+    CHECK_MSG(got.skipped == !stepped, "%s: skipped=%d, reference skipped=%d", c.where().c_str(),
+              int(got.skipped), int(!stepped));
     if (!compare<W, S>(sgd, sides, r, c)) return;
   }
   c.step = kSteps;

@@ -8,8 +8,8 @@
 //
 //   std::vector<float> w(n), g(n);                       // your parameters and gradients
 //   fastsgd::Options opt;
-//   opt.momentum = 0.9;
-//   opt.weight_decay = 1e-4;
+//   opt.group.momentum = 0.9;
+//   opt.group.weight_decay = 1e-4;
 //   opt.use_ema = true;
 //   fastsgd::SGD sgd(opt);
 //   sgd.build({{w.data(), int64_t(n), fastsgd::DType::float32}});   // allocates the slots

@@ -132,6 +132,13 @@ template <class C> FASTSGD_HD C ema(C avg, C w, const Coeffs<C>& k) {
   return k.ema_keep * avg + k.ema_take * w;
 }
 
+// Keras sums squares in the variables' precision: for float32 and 16-bit variables a sum
+// beyond float32's range is inf there, whatever the float64 sum holds. `narrow` asks for that
+// (0x1.ffffffp127 is where float32 rounding reaches inf).
+FASTSGD_HD double keras_sum_squares(double sum_squares, bool narrow) {
+  return (narrow && sum_squares >= 0x1.ffffffp127) ? std::numeric_limits<double>::infinity() : sum_squares;
+}
+
 // Norm clipping coefficients from a sum of squares, in the precision R of the reduction.
 // clipnorm (per tensor): g <- (g * c) / max(||g||, c); NaN norms propagate, as in Keras.
 template <class R>

@@ -117,6 +117,10 @@ struct StepRequest {
   // Unset: measured here; set: the squared global norm over all ranks, for global_clipnorm
   // (and, unless found_inf is set, for the non-finite check).
   std::optional<double> global_sum_squares;
+  // CUDA: the stream (a cudaStream_t as an integer) to launch on, and one whose pending work
+  // must finish first; applied only once the step is validated. Unset: as the last step.
+  std::optional<uintptr_t> stream;
+  std::optional<uintptr_t> wait_for_stream;
 };
 
 struct StepResult {
@@ -217,6 +221,10 @@ class SGD {
   // CUDA stream (a cudaStream_t as an integer) for later steps; 0 is the default stream.
   // Ignored for CPU variables.
   void set_stream(uintptr_t stream);
+  // The next step's launches also wait for the work queued so far on `producer_stream` (the
+  // stream that produced the gradients, when the step runs on another one). Ignored for CPU
+  // variables.
+  void wait_for_stream(uintptr_t producer_stream);
 
   // Copies every EMA average into its variable (Keras finalize_variable_values).
   void finalize_variable_values(const std::vector<TensorView>& variables);
@@ -226,6 +234,7 @@ class SGD {
  private:
   void validate_request(const StepRequest& r, bool touches_all, bool update_call) const;
   void plan_step(const StepRequest& r, bool update_call, bool touches_all);
+  void apply_streams(const StepRequest& r);
   bool wants_slot(SlotKind kind, size_t i) const;
 
   Options options_;

@@ -161,13 +161,15 @@ class CpuBackend final : public detail::Backend {
       for (size_t t = 0; t < plan.tasks.size(); ++t) {
         auto& task = plan.tasks[t];
         if (task.kind != PassKind::update) continue;
-        math::clipnorm_coeffs<double>(plan.measured.task_sums[t], plan.clipnorm, task.ts.clip_mul,
-                                      task.ts.clip_div);
+        math::clipnorm_coeffs<double>(
+            math::keras_sum_squares(plan.measured.task_sums[t], task.var_dtype != DType::float64), plan.clipnorm,
+            task.ts.clip_mul, task.ts.clip_div);
       }
       return;
     }
     const double sum = plan.external_global ? plan.global_sum_squares : plan.measured.total;
-    const double scale = math::global_clip_scale<double>(sum, plan.clipnorm);
+    const double scale =
+        math::global_clip_scale<double>(math::keras_sum_squares(sum, plan.narrow_global_norm), plan.clipnorm);
     for (auto& task : plan.tasks) {
       task.ts.clip_mul = scale;
       task.ts.clip_div = 1.0;

@@ -12,6 +12,9 @@
 #include <pthread.h>
 #include <sched.h>
 #endif
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 namespace fastsgd {
 namespace cpu {
@@ -33,6 +36,34 @@ int detect_threads() {
   return n ? int(n) : 1;
 }
 
+// The floating-point mode of the SSE/NEON unit: flush-to-zero, denormals-are-zero and the
+// rounding mode (MXCSR on x86, FPCR on aarch64). It is per thread, so a caller that set
+// flush-to-zero (torch.set_flush_denormal(True)) would get different bits from its own
+// thread and from the workers; the workers take the caller's mode for each task.
+using FpMode = unsigned long long;
+
+FpMode fp_mode() {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+  return _mm_getcsr();
+#elif defined(__aarch64__)
+  unsigned long long fpcr;
+  __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+  return fpcr;
+#else
+  return 0;
+#endif
+}
+
+void set_fp_mode(FpMode mode) {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+  _mm_setcsr(static_cast<unsigned int>(mode));
+#elif defined(__aarch64__)
+  __asm__ __volatile__("msr fpcr, %0" : : "r"(mode));
+#else
+  (void)mode;
+#endif
+}
+
 class Pool {
  public:
   explicit Pool(int threads) {
@@ -47,6 +78,7 @@ class Pool {
       task_ = task;
       context_ = context;
       count_ = count;
+      fp_mode_ = fp_mode();
       pending_.store(count - 1, std::memory_order_relaxed);
       ++generation_;
     }
@@ -65,6 +97,7 @@ class Pool {
       void (*task)(void*, int);
       void* context;
       int count;
+      FpMode mode;
       {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return generation_ != seen; });
@@ -72,8 +105,10 @@ class Pool {
         task = task_;
         context = context_;
         count = count_;
+        mode = fp_mode_;
       }
       if (index < count) {
+        if (fp_mode() != mode) set_fp_mode(mode);
         task(context, index);
         if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
           std::lock_guard<std::mutex> lock(mutex_);
@@ -90,6 +125,7 @@ class Pool {
   void (*task_)(void*, int) = nullptr;
   void* context_ = nullptr;
   int count_ = 0;
+  FpMode fp_mode_ = 0;
   std::atomic<int> pending_{0};
 };
 
