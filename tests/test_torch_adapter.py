@@ -675,3 +675,21 @@ def test_global_hooks_and_counters_survive_load_state_dict():
     assert fresh.iterations == 3
     torch_sgd = torch.optim.SGD(clone_params(params), lr=0.1, momentum=0.9)
     torch_sgd.load_state_dict(sd)  # the extra entry is ignored by torch
+
+
+def test_bare_array_call_keeps_working_in_a_loop():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    twin = torch.nn.Linear(6, 3)
+    twin.load_state_dict(model.state_dict())
+    bare = fastsgd.SGD(learning_rate=0.1, momentum=0.9)
+    ours = ftorch.SGD(twin.parameters(), lr=0.1, momentum=0.9, convention="keras")
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    params = list(model.parameters())
+    for _ in range(4):
+        for m, step in ((model, lambda: bare.apply([p.grad for p in params], params)), (twin, ours.step)):
+            m.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
