@@ -232,7 +232,8 @@ class SGD {
   struct Impl;
 
  private:
-  void validate_request(const StepRequest& r, bool touches_all, bool update_call) const;
+  // `measuring`: only what grad_stats reads (gradients and accumulators) must be there.
+  void validate_request(const StepRequest& r, bool touches_all, bool update_call, bool measuring = false) const;
   void plan_step(const StepRequest& r, bool update_call, bool touches_all);
   void apply_streams(const StepRequest& r);
   bool wants_slot(SlotKind kind, size_t i) const;
