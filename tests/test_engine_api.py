@@ -371,3 +371,32 @@ def test_velocity_conversion_continues_the_same_path_at_a_constant_rate(nesterov
                                keras_opt.state_dict()["slots"]["momentum"][0], rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="learning_rate"):
         fastsgd.keras_velocity_to_torch(velocity, 0.0)
+
+
+def test_grad_stats_needs_no_slot_it_does_not_read():
+    o = _core.Options()
+    o.group = _core.Group(momentum=0.9)
+    o.use_ema = True
+    o.caller_owned_slots = True
+    engine = _core.Engine(o)
+    w = np.ones(3, np.float32)
+    engine.build([w])
+    assert engine.grad_stats([np.full(3, 2.0, np.float32)]).total == 12.0
+    with pytest.raises(ValueError, match="missing"):
+        engine.step([np.full(3, 2.0, np.float32)])
+
+
+def test_refused_or_skipped_first_momentum_step_allocates_nothing():
+    o = _core.Options()
+    o.skip_nonfinite = True
+    engine = _core.Engine(o)
+    w = np.ones(3, np.float32)
+    engine.build([w])
+    engine.set_group(0, _core.Group(momentum=0.9))  # momentum slots are due at the next step
+    assert engine.step([np.array([np.nan, 1, 1], np.float32)])[1]
+    assert not engine.has_slot(SlotKind.momentum)
+    with pytest.raises(ValueError, match="share memory"):
+        engine.step([w])
+    assert not engine.has_slot(SlotKind.momentum)
+    engine.step([np.ones(3, np.float32)])
+    assert engine.has_slot(SlotKind.momentum)

@@ -347,7 +347,7 @@ void SGD::wait_for_stream(uintptr_t producer_stream) {
 }
 
 // Every check of a step, in one place, before anything is written.
-void SGD::validate_request(const StepRequest& r, bool touches_all, bool update_call) const {
+void SGD::validate_request(const StepRequest& r, bool touches_all, bool update_call, bool measuring) const {
   if (!r.variables || !r.grads) throw ValueError("a step needs variable and gradient arrays");
   const size_t n = vars_.size();
   bool any = false;
@@ -373,9 +373,9 @@ void SGD::validate_request(const StepRequest& r, bool touches_all, bool update_c
     same_kind(r.variables[i], i, "variables", vars_[i].dtype);
     if (!options_.caller_owned_slots || vars_[i].numel == 0) continue;
     const bool needs[kNumSlotKinds] = {
-        has_grad && update_call && groups_[group_of_[i]].momentum != 0.0,
-        options_.use_ema,
-        accumulating && (has_grad || update_call)};
+        !measuring && has_grad && update_call && groups_[group_of_[i]].momentum != 0.0,
+        !measuring && options_.use_ema,
+        accumulating && (has_grad || update_call) && !(measuring && !(has_grad && update_call))};
     for (int k = 0; k < kNumSlotKinds; ++k) {
       if (!needs[k]) continue;
       if (!r.slots[k] || !r.slots[k][i].data)
@@ -509,21 +509,6 @@ StepResult SGD::step(const StepRequest& r) {
   const bool update_call = update_is_due();
   const bool touches_all = next_step_touches_all();
   validate_request(r, touches_all, update_call);
-  // Engine-owned momentum slots appear the first time a group asks for momentum.
-  if (!options_.caller_owned_slots && update_call && !has_slot(SlotKind::momentum) &&
-      wants_slot(SlotKind::momentum, 0)) {
-    Impl& im = *impl_;
-    std::vector<void*> fresh(vars_.size(), nullptr);
-    try {
-      for (size_t i = 0; i < vars_.size(); ++i)
-        fresh[i] = im.backend->allocate_zeroed(vars_[i].numel * dtype_size(im.slot_dtypes[i]));
-    } catch (...) {
-      for (void* p : fresh)
-        if (p) im.backend->release(p);
-      throw;
-    }
-    im.slots[int(SlotKind::momentum)] = std::move(fresh);
-  }
   plan_step(r, update_call, touches_all);
   apply_streams(r);
 
@@ -543,6 +528,24 @@ StepResult SGD::step(const StepRequest& r) {
     ++skipped_steps_;
     result.skipped = true;
     return result;
+  }
+  // Engine-owned momentum slots appear the first time a group asks for momentum, once the step
+  // is known to go ahead (a refused or skipped step allocates nothing).
+  if (!options_.caller_owned_slots && update_call && !has_slot(SlotKind::momentum) &&
+      wants_slot(SlotKind::momentum, 0)) {
+    Impl& im = *impl_;
+    std::vector<void*> fresh(vars_.size(), nullptr);
+    try {
+      for (size_t i = 0; i < vars_.size(); ++i)
+        fresh[i] = im.backend->allocate_zeroed(vars_[i].numel * dtype_size(im.slot_dtypes[i]));
+    } catch (...) {
+      for (void* p : fresh)
+        if (p) im.backend->release(p);
+      throw;
+    }
+    im.slots[int(SlotKind::momentum)] = std::move(fresh);
+    for (auto& t : plan.tasks)
+      if (t.momentum != MomentumKind::none) t.m = impl_->slots[int(SlotKind::momentum)][t.index];
   }
   impl_->backend->execute(plan);
   if (options_.convention == Convention::torch && update_call) {
@@ -569,7 +572,7 @@ StepResult SGD::step(const std::vector<TensorView>& variables, const std::vector
 GradStats SGD::grad_stats(const StepRequest& r) {
   if (!built_) throw ValueError("build() the optimizer before grad_stats()");
   const bool update_call = update_is_due();
-  validate_request(r, false, update_call);
+  validate_request(r, false, update_call, true);
   plan_step(r, update_call, false);
   apply_streams(r);
   detail::StepPlan& plan = impl_->plan;

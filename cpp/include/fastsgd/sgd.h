@@ -1,11 +1,16 @@
 // fastsgd::SGD — the one orchestrator. It follows keras.optimizers.SGD (Keras 3) step by step:
-//   unscale (loss scale) -> accumulate, or go on -> norms (only for a norm clip)
-//   -> one fused pass per tensor (clip, weight decay, momentum/Nesterov, EMA, overwrite)
-//   -> iteration counter.
-// It owns the slot buffers (momentum, EMA average, gradient accumulator) on the device of the
-// variables, validates every input before its first write (a throwing step changes nothing),
-// and exports / imports its state. Python's fastsgd.SGD wraps this class; C++ programs use it
-// directly.
+//   unscale (loss scale, grad_scale) -> accumulate, or go on -> norms (norm clip, overflow
+//   check) -> one fused pass per tensor (clip, maximize, weight decay, momentum/Nesterov, EMA,
+//   overwrite) -> iteration counter.
+// Every variable belongs to a parameter group (learning rate, momentum, dampening, Nesterov,
+// weight decay and its form, maximize); the per-element rule is Keras's or torch's
+// (Options::convention). Slots (momentum, EMA average, gradient accumulator) are owned by the
+// engine, on the device of the variables, or by the caller (Options::caller_owned_slots: a
+// framework's own tensors, passed to every step). Every input is validated before the first
+// write (a throwing step changes nothing); a step skipped for non-finite gradients changes
+// nothing either and is counted apart. Norms can be measured (grad_stats) and supplied
+// (StepRequest::global_sum_squares) across processes. Python's fastsgd.SGD and the framework
+// adapters wrap this class; C++ programs use it directly.
 //
 //   fastsgd::Options opt;  opt.group.momentum = 0.9;
 //   fastsgd::SGD sgd(opt);
@@ -232,7 +237,8 @@ class SGD {
   struct Impl;
 
  private:
-  void validate_request(const StepRequest& r, bool touches_all, bool update_call) const;
+  // `measuring`: only what grad_stats reads (gradients and accumulators) must be there.
+  void validate_request(const StepRequest& r, bool touches_all, bool update_call, bool measuring = false) const;
   void plan_step(const StepRequest& r, bool update_call, bool touches_all);
   void apply_streams(const StepRequest& r);
   bool wants_slot(SlotKind kind, size_t i) const;
