@@ -132,7 +132,8 @@ def _torch_peer(params: list[np.ndarray], lr: Callable[[int], float], config: di
             opt.step()
             torch._foreach_lerp_(averages, weights, 1.0 - keep)
 
-    return _Peer(f"torch {torch.__version__}", "torch.optim.SGD + foreach decay/EMA", step,
+    return _Peer(f"torch {torch.__version__}", "torch.optim.SGD + foreach decay and EMA; its momentum holds "
+                 "unscaled gradients, so under a schedule its weights differ", step,
                  lambda: [w.numpy() for w in weights])
 
 
@@ -146,7 +147,7 @@ def _keras_peer(params: list[np.ndarray], schedule_args: dict, config: dict) -> 
         except Exception:
             pass
     try:
-        import keras
+        import keras  # type: ignore[import-untyped]
     except Exception:
         return None
     variables = [keras.Variable(p) for p in params]
@@ -178,12 +179,12 @@ def demo(args: argparse.Namespace) -> int:
     twin = [p.copy() for p in params]
     steps_per_epoch = split // args.batch
     schedule_args = dict(initial_learning_rate=0.1, decay_steps=args.epochs * steps_per_epoch, alpha=0.05)
-    config = dict(momentum=0.9, nesterov=True, use_ema=True, ema_momentum=0.98, weight_decay=1e-4)
+    config: dict[str, Any] = dict(momentum=0.9, nesterov=True, use_ema=True, ema_momentum=0.98, weight_decay=1e-4)
     lr = schedules.CosineDecay(**schedule_args)
     opt = fastsgd.SGD(learning_rate=lr, **config)
     ref = reference.ReferenceSGD(learning_rate=schedules.CosineDecay(**schedule_args), **config)
     peers: list[_Peer] = []
-    if args.frameworks:
+    if not args.no_frameworks:
         torch_peer = _torch_peer(params, lambda i: float(lr(i)), config)
         keras_peer = _keras_peer(params, schedule_args, config)
         peers = [p for p in (torch_peer, keras_peer) if p is not None]
@@ -194,7 +195,7 @@ def demo(args: argparse.Namespace) -> int:
           f"CPU level {fastsgd.cpu_info()['active']}")
     if peers:
         print("the same step also runs in: " + ", ".join(f"{p.name} ({p.note})" for p in peers))
-    elif args.frameworks:
+    elif not args.no_frameworks:
         print("torch and Keras are not installed: comparing with the NumPy reference only")
     t_fast: list[float] = []
     t_ref: list[float] = []
@@ -249,7 +250,7 @@ def _as_peer_grads(peer: _Peer, grads: list[np.ndarray]) -> list[Any]:
         import torch
 
         return [torch.from_numpy(g) for g in grads]
-    import keras
+    import keras  # type: ignore[import-untyped]
 
     return [keras.ops.convert_to_tensor(g) for g in grads]
 
@@ -285,13 +286,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--version", action="version", version=f"fastsgd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,info,bench}")
     p_demo = sub.add_parser("demo", formatter_class=_Formatter, help="train a small NumPy MLP with fastsgd",
-                            description="Trains a 32-256-256-8 MLP on synthetic data with fastsgd and compares "
-                                        "its update step with the NumPy reference (and torch and Keras when "
-                                        "installed).")
+                            description="Trains a 32-256-256-8 MLP on synthetic data with fastsgd and compares\n"
+                                        "its update step with the NumPy reference, and with torch's and Keras's\n"
+                                        "SGD where they are installed.")
     p_demo.add_argument("--epochs", type=int, default=6, help="passes over the 10,000 training samples")
     p_demo.add_argument("--batch", type=int, default=128, help="samples per step")
     p_demo.add_argument("--seed", type=int, default=0, help="seed of the data and the initial weights")
-    p_demo.add_argument("--no-frameworks", dest="frameworks", action="store_false",
+    p_demo.add_argument("--no-frameworks", action="store_true",
                         help="skip the torch and Keras comparison even where they are installed")
     p_demo.set_defaults(fn=demo)
     p_info = sub.add_parser("info", formatter_class=_Formatter, help="version, CPU levels, threads, CUDA status",
@@ -301,8 +302,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p_info.add_argument("--json", action="store_true", help="print the same facts as one JSON object")
     p_info.set_defaults(fn=info)
     p_bench = sub.add_parser("bench", formatter_class=_Formatter, help="quick speed comparison on this machine",
-                             description="Times one SGD step of fastsgd, naive NumPy and torch's fused SGD "
-                                         "(when installed) and plots the result when matplotlib is installed.")
+                             description="Times one SGD step of fastsgd, naive NumPy and torch's fused SGD\n"
+                                         "(when installed); with matplotlib, also draws the result.")
     p_bench.add_argument("--full", action="store_true", help="more workloads and configs (several minutes)")
     p_bench.add_argument("--plot", default="fastsgd_bench.png", help="where to write the plot")
     p_bench.add_argument("--no-plot", action="store_true", help="do not draw the plot")
