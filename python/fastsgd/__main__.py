@@ -46,8 +46,13 @@ def _cuda_line(cuda: dict) -> str:
         return "not available: this install was built without CUDA kernels (CPU only)"
     if not cuda.get("device_count"):
         detail = str(cuda.get("status", ""))
-        reason = detail[detail.find("(") + 1:detail.rfind(")")] if "(" in detail else detail
-        return f"kernels built in, but no usable GPU on this machine ({reason}); steps run on the CPU"
+        if "InsufficientDriver" in detail:
+            reason = "no NVIDIA driver, or one too old for this CUDA 13 build (it needs 580 or newer)"
+        elif "NoDevice" in detail or "0 devices" in detail:
+            reason = "no NVIDIA GPU found (or CUDA_VISIBLE_DEVICES hides them all)"
+        else:
+            reason = detail[detail.find("(") + 1:detail.rfind(")")] if "(" in detail else detail
+        return f"kernels built in, but no usable GPU on this machine: {reason}; steps run on the CPU"
     return str(cuda["status"])
 
 
