@@ -107,18 +107,25 @@ def _forward_backward(params: list[np.ndarray], x: np.ndarray, y: np.ndarray) ->
 class _Peer:
     """Another framework's SGD step on its own copy of the demo's weights, timed per step."""
 
-    def __init__(self, name: str, note: str, step: Callable[[list], None], weights: Callable[[], list]) -> None:
-        self.name, self.note, self.step, self.weights = name, note, step, weights
+    def __init__(self, name: str, note: str, convert: Callable[[list], list], step: Callable[[list], None],
+                 weights: Callable[[], list]) -> None:
+        self.name, self.note = name, note
+        self.convert = convert  # NumPy gradients -> the framework's tensors, outside the timed step
+        self.step, self.weights = step, weights
         self.times: list[float] = []
 
 
 def _torch_peer(params: list[np.ndarray], lr: Callable[[int], float], config: dict) -> Optional[_Peer]:
     """torch.optim.SGD (momentum, Nesterov) plus Keras's decoupled weight decay and EMA written
-    with torch's foreach ops: the same rules, torch's way."""
+    with torch's foreach ops: the demo's settings in torch's idiom. torch keeps unscaled gradients
+    in its momentum buffer, so under a changing learning rate its weights drift from Keras's."""
     try:
         import torch
     except Exception:
         return None
+    # As with BLAS above: on a few busy cores torch's OpenMP workers spin between these small
+    # steps and can make each take milliseconds; one thread is both faster and steadier here.
+    torch.set_num_threads(1)
     weights = [torch.tensor(p) for p in params]
     averages = [w.clone() for w in weights]
     opt = torch.optim.SGD(weights, lr=1.0, momentum=config["momentum"], nesterov=config["nesterov"])
@@ -138,7 +145,8 @@ def _torch_peer(params: list[np.ndarray], lr: Callable[[int], float], config: di
             torch._foreach_lerp_(averages, weights, 1.0 - keep)
 
     return _Peer(f"torch {torch.__version__}", "torch.optim.SGD + foreach decay and EMA; its momentum holds "
-                 "unscaled gradients, so under a schedule its weights differ", step,
+                 "unscaled gradients, so under a schedule its weights differ",
+                 lambda grads: [torch.from_numpy(g) for g in grads], step,
                  lambda: [w.numpy() for w in weights])
 
 
@@ -159,6 +167,7 @@ def _keras_peer(params: list[np.ndarray], schedule_args: dict, config: dict) -> 
     opt = keras.optimizers.SGD(learning_rate=keras.optimizers.schedules.CosineDecay(**schedule_args), **config)
     opt.build(variables)
     return _Peer(f"Keras {keras.__version__} ({keras.backend.backend()})", "keras.optimizers.SGD",
+                 lambda grads: [keras.ops.convert_to_tensor(g) for g in grads],
                  lambda grads: opt.apply(grads, variables),
                  lambda: [keras.ops.convert_to_numpy(v) for v in variables])
 
@@ -222,7 +231,7 @@ def demo(args: argparse.Namespace) -> int:
             t_fast.append(t1 - t0)
             t_ref.append(t2 - t1)
             for peer in peers:
-                own = _as_peer_grads(peer, grads)
+                own = peer.convert(grads)
                 t0 = time.perf_counter()
                 peer.step(own)
                 peer.times.append(time.perf_counter() - t0)
@@ -247,17 +256,6 @@ def demo(args: argparse.Namespace) -> int:
         print(f"  {name.ljust(width)}  {1e6 * seconds:9.1f} us{versus}")
     print(f"total time {time.perf_counter() - start:.1f} s")
     return 0
-
-
-def _as_peer_grads(peer: _Peer, grads: list[np.ndarray]) -> list[Any]:
-    """The gradients as the peer's framework wants them (converted outside the timed step)."""
-    if peer.name.startswith("torch"):
-        import torch
-
-        return [torch.from_numpy(g) for g in grads]
-    import keras  # type: ignore[import-untyped]
-
-    return [keras.ops.convert_to_tensor(g) for g in grads]
 
 
 def bench(args: argparse.Namespace) -> int:
