@@ -75,10 +75,11 @@ def test_stub_parameters_match_the_binding(qualname):
 
 
 def test_every_binding_has_a_stub():
-    public = {n for n in dir(_core) if not n.startswith("_") and callable(getattr(_core, n))}
-    for cls in ("Engine",):
-        public |= {f"{cls}.{n}" for n, v in vars(getattr(_core, cls)).items()
-                   if not n.startswith("_") and not isinstance(v, property)}
-    public |= {"Engine.__init__"}
-    missing = public - set(STUB_FUNCTIONS) - {"Engine"}
+    classes = {n: v for n, v in vars(_core).items() if isinstance(v, type) and not n.startswith("_")}
+    public = {n for n, v in vars(_core).items() if callable(v) and not n.startswith("_") and n not in classes}
+    for name, cls in classes.items():
+        public |= {f"{name}.{n}" for n, v in vars(cls).items() if callable(v) and not n.startswith("_")}
+        if "__init__" in vars(cls):
+            public.add(f"{name}.__init__")
+    missing = public - set(STUB_FUNCTIONS)
     assert not missing, f"bindings without a stub: {sorted(missing)}"
