@@ -1,6 +1,6 @@
 # Installs the C++ side of fastsgd so other CMake projects can use it:
 #   headers        <includedir>/fastsgd/*.h
-#   library        <libdir>/libfastsgd_core.a   (target fastsgd::fastsgd)
+#   library        <libdir>/libfastsgd_core.a, or .so with FASTSGD_SHARED  (target fastsgd::fastsgd)
 #   CMake package  <cmakedir>/fastsgd{Config,ConfigVersion,Targets}.cmake
 # Included at the end of cpp/CMakeLists.txt; does nothing unless FASTSGD_INSTALL is ON.
 #
@@ -46,14 +46,20 @@ install(DIRECTORY "${CMAKE_CURRENT_LIST_DIR}/include/fastsgd"
         DESTINATION "${FASTSGD_INSTALL_INCLUDEDIR}"
         COMPONENT fastsgd_development
         FILES_MATCHING PATTERN "*.h")
+install(FILES "${CMAKE_CURRENT_BINARY_DIR}/include/fastsgd/version.h"
+        DESTINATION "${FASTSGD_INSTALL_INCLUDEDIR}/fastsgd"
+        COMPONENT fastsgd_development)
 
-# Link dependencies travel with the exported target: Threads::Threads (PUBLIC) and, in a CUDA
-# build, $<LINK_ONLY:CUDA::cudart_static> (a PRIVATE dependency of a static library still has to
-# reach the final link line; install(EXPORT) writes it as LINK_ONLY). fastsgdConfig.cmake finds
-# both packages again before it loads the targets.
+# Link dependencies travel with the exported target: Threads::Threads (PUBLIC) and, for a static
+# CUDA build, $<LINK_ONLY:CUDA::cudart_static> (a PRIVATE dependency of a static library still has
+# to reach the final link line; install(EXPORT) writes it as LINK_ONLY). A shared library has the
+# runtime linked in already. fastsgdConfig.cmake finds those packages again before it loads the
+# targets. The shared library has no SONAME version: a wheel cannot hold the symlinks.
 install(TARGETS fastsgd_core
         EXPORT fastsgdTargets
         ARCHIVE DESTINATION "${FASTSGD_INSTALL_LIBDIR}" COMPONENT fastsgd_development
+        LIBRARY DESTINATION "${FASTSGD_INSTALL_LIBDIR}" COMPONENT fastsgd_runtime
+        RUNTIME DESTINATION "${FASTSGD_INSTALL_LIBDIR}" COMPONENT fastsgd_runtime
         INCLUDES DESTINATION "${FASTSGD_INSTALL_INCLUDEDIR}")
 
 install(EXPORT fastsgdTargets
@@ -67,6 +73,11 @@ if(FASTSGD_HAVE_CUDA)
   set(FASTSGD_CONFIG_HAVE_CUDA ON)
 else()
   set(FASTSGD_CONFIG_HAVE_CUDA OFF)
+endif()
+if(FASTSGD_SHARED)
+  set(FASTSGD_CONFIG_SHARED ON)
+else()
+  set(FASTSGD_CONFIG_SHARED OFF)
 endif()
 set(_fastsgd_pkg "${CMAKE_CURRENT_BINARY_DIR}/fastsgd-package")
 configure_package_config_file(

@@ -3,28 +3,27 @@
 Times one SGD step (momentum 0.9) of fastsgd against the same rule written as naive
 per-tensor NumPy, and against ``torch.optim.SGD(fused=True)`` when torch is importable, on
 a few workloads. Peers run round-robin in this one process and the medians are reported,
-so machine drift hits everyone alike. The full suite, with more peers, a C roofline and a
-byte model, is ``benchmarks/bench_step.py`` in the source tree.
+so machine drift hits everyone alike. With matplotlib installed it draws the benchmark suite's
+plot (one panel per config, one bar per peer and workload, time over a reference on a log
+scale); the suite divides by a one-pass C loop it compiles, which an installed package cannot,
+so here the reference is the naive NumPy step. The full suite, with more peers, the C roofline
+and a byte model, is ``benchmarks/bench_step.py`` in the source tree.
 """
 
 from __future__ import annotations
 
-import sys
+import math
+import os
 import time
 from typing import Callable, Optional
 
 import numpy as np
 
+from ._progress import Progress
+
 LR, MOMENTUM = 0.01, 0.9
-
-
-def _bar(done: int, total: int, label: str, width: int = 28) -> None:
-    """Redraws a one-line text progress bar on stderr."""
-    filled = int(width * done / max(total, 1))
-    sys.stderr.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<28}")
-    if done == total:
-        sys.stderr.write("\r" + " " * (width + 40) + "\r")
-    sys.stderr.flush()
+PEERS = ("fastsgd", "torch fused", "numpy")
+REFERENCE = "numpy"
 
 
 def workloads(quick: bool = True) -> dict:
@@ -170,7 +169,7 @@ def run(quick: bool = True, rounds: Optional[int] = None, budget_s: Optional[flo
     default_threads = _torch_threads()
     cases = [(wn, sizes, cn, cfg) for wn, sizes in workloads(quick).items() for cn, cfg in configs(quick).items()]
     rows = []
-    total = len(cases) * rounds
+    progress = Progress(len(cases) * rounds)
     done = 0
     for wname, sizes, cname, cfg in cases:
         rng = np.random.default_rng(1)
@@ -199,7 +198,7 @@ def run(quick: bool = True, rounds: Optional[int] = None, budget_s: Optional[flo
             if default_threads > 1:
                 _restore_torch_threads(default_threads)
             done += 1
-            _bar(done, total, f"{wname}, {cname}")
+            progress.update(done, f"{wname}, {cname}", milestone=r == rounds - 1)
         row = {"workload": wname, "config": cname, "elements": int(sum(sizes))}
         for name in ("fastsgd", "numpy", "torch fused", "torch fused x1"):
             row[name] = float(np.median(medians[name])) if name in medians else None
@@ -208,11 +207,59 @@ def run(quick: bool = True, rounds: Optional[int] = None, budget_s: Optional[flo
         row.pop("torch fused x1")
         rows.append(row)
         del peers, w, g
+    progress.clear()
     return rows
 
 
-def main(quick: bool = True) -> int:
-    """Runs the benchmark (under a minute when ``quick``), prints a table and returns 0."""
+def write_plot(path: str, rows: list) -> bool:
+    """The benchmark suite's plot of ``rows`` (from :func:`run`) written to ``path``: one panel
+    per config, one bar per peer and workload, seconds per step over NumPy's on a log scale.
+    Returns False, writing nothing, when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return False
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    wls = list(dict.fromkeys(r["workload"] for r in rows))
+    names = [p for p in PEERS if any(r.get(p) is not None for r in rows)]
+    cols = min(3, len(configs))
+    n_rows = math.ceil(len(configs) / cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 2.9 * n_rows), squeeze=False, sharey=True)
+    colors = plt.get_cmap("tab10")
+    width = 0.8 / max(1, len(names))
+    for k, cfg in enumerate(configs):
+        ax = axes[k // cols][k % cols]
+        for j, p in enumerate(names):
+            ys = []
+            for w in wls:
+                case = [r for r in rows if r["workload"] == w and r["config"] == cfg]
+                ys.append(case[0][p] / case[0][REFERENCE] if case and case[0].get(p) else np.nan)
+            ax.bar(np.arange(len(wls)) + (j - (len(names) - 1) / 2) * width, ys, width, label=p, color=colors(j))
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(cfg, fontsize=9)
+        ax.set_xticks(np.arange(len(wls)))
+        ax.set_xticklabels(wls, fontsize=7, rotation=20)
+        ax.tick_params(axis="y", labelsize=7)
+        if k % cols == 0:
+            ax.set_ylabel("time / NumPy (log)", fontsize=8)
+    for k in range(len(configs), n_rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=7, frameon=False)
+    fig.suptitle("Seconds per step ÷ naive NumPy's (lower is better)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return True
+
+
+def main(quick: bool = True, plot: Optional[str] = "fastsgd_bench.png") -> int:
+    """Runs the benchmark (about half a minute when ``quick``), prints a table, draws the plot to
+    ``plot`` (None: no plot) when matplotlib is installed, and returns 0."""
     import fastsgd
 
     info = fastsgd.cpu_info()
@@ -242,4 +289,9 @@ def main(quick: bool = True) -> int:
         print("  ".join(c.ljust(wd) if i < 2 else c.rjust(wd) for i, (c, wd) in enumerate(zip(row, widths))))
     print(f"(vs X = X's time / fastsgd's: how many times faster fastsgd is; {time.perf_counter() - t0:.0f} s; "
           "full suite: benchmarks/bench_step.py in the source tree)")
+    if plot is not None:
+        if write_plot(plot, rows):
+            print(f"plot written to {os.path.abspath(plot)}")
+        else:
+            print("no plot: matplotlib is not installed (pip install matplotlib)")
     return 0

@@ -1,6 +1,6 @@
 """Where the C++ side of this installed package lives: headers and the CMake package.
 
-The wheel carries ``fastsgd/include/fastsgd/*.h``, ``fastsgd/lib/libfastsgd_core.a`` and
+The wheel carries ``fastsgd/include/fastsgd/*.h``, ``fastsgd/lib/libfastsgd_core.so`` and
 ``fastsgd/share/cmake/fastsgd/fastsgdConfig.cmake``, so a C++ project can build against the
 very engine this package runs::
 

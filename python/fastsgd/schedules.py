@@ -186,7 +186,7 @@ class LearningRateSchedule:
     once per update step.
     """
 
-    def __call__(self, step):
+    def __call__(self, step: Any) -> Any:
         """The learning rate at ``step``; subclasses must override this."""
         raise NotImplementedError(f"{type(self).__name__} has to implement `__call__(self, step)`")
 
@@ -260,7 +260,8 @@ class ExponentialDecay(_BuiltinSchedule):
 
     _fields = ("initial_learning_rate", "decay_steps", "decay_rate", "staircase")
 
-    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False, name="ExponentialDecay"):
+    def __init__(self, initial_learning_rate: float, decay_steps: float, decay_rate: float, staircase: bool = False,
+                 name: str = "ExponentialDecay") -> None:
         _check_positive("decay_steps", decay_steps)
         self.initial_learning_rate = initial_learning_rate
         self.decay_steps = decay_steps
@@ -274,7 +275,7 @@ class ExponentialDecay(_BuiltinSchedule):
         return (dt, _caster(dt), dt(self.initial_learning_rate), dt(self.decay_steps), dt(self.decay_rate),
                 bool(self.staircase))
 
-    def __call__(self, step) -> float:
+    def __call__(self, step: Any) -> float:
         """``initial_learning_rate * decay_rate ** p`` at ``step`` (see the class docstring)."""
         c = self._c or self._constants()
         dt, cast, lr0, d, rate, staircase = c
@@ -328,7 +329,7 @@ class PiecewiseConstantDecay(_BuiltinSchedule):
 
     _fields = ("boundaries", "values")
 
-    def __init__(self, boundaries, values, name="PiecewiseConstant"):
+    def __init__(self, boundaries: Any, values: Any, name: str = "PiecewiseConstant") -> None:
         if len(boundaries) != len(values) - 1:
             raise ValueError(
                 f"`boundaries` must have one element less than `values`; got {len(boundaries)} boundaries "
@@ -359,7 +360,7 @@ class PiecewiseConstantDecay(_BuiltinSchedule):
             x < y for x, y in zip(int_bounds, int_bounds[1:]))
         return out, int_bounds, float_bounds, simple, zero
 
-    def __call__(self, step):
+    def __call__(self, step: Any) -> Any:
         """``values[i]`` for the interval holding ``step`` (see the class docstring)."""
         c = self._c or self._constants()
         out, int_bounds, float_bounds, simple, zero = c
@@ -424,8 +425,8 @@ class PolynomialDecay(_BuiltinSchedule):
 
     _fields = ("initial_learning_rate", "decay_steps", "end_learning_rate", "power", "cycle")
 
-    def __init__(self, initial_learning_rate, decay_steps, end_learning_rate=0.0001, power=1.0, cycle=False,
-                 name="PolynomialDecay"):
+    def __init__(self, initial_learning_rate: float, decay_steps: float, end_learning_rate: float = 0.0001,
+                 power: float = 1.0, cycle: bool = False, name: str = "PolynomialDecay") -> None:
         _check_positive("decay_steps", decay_steps)
         self.initial_learning_rate = initial_learning_rate
         self.decay_steps = decay_steps
@@ -441,7 +442,7 @@ class PolynomialDecay(_BuiltinSchedule):
         return (dt, _caster(dt), lr0 - end, end, dt(self.power), dt(self.decay_steps), bool(self.cycle),
                 dt(1), dt(0))
 
-    def __call__(self, step) -> float:
+    def __call__(self, step: Any) -> float:
         """``(lr0 - end) * (1 - p) ** power + end`` at ``step`` (see the class docstring)."""
         c = self._c or self._constants()
         dt, cast, span, end, power, d, cycle, one, zero = c
@@ -489,7 +490,8 @@ class InverseTimeDecay(_BuiltinSchedule):
 
     _fields = ("initial_learning_rate", "decay_steps", "decay_rate", "staircase")
 
-    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False, name="InverseTimeDecay"):
+    def __init__(self, initial_learning_rate: float, decay_steps: float, decay_rate: float, staircase: bool = False,
+                 name: str = "InverseTimeDecay") -> None:
         _check_positive("decay_steps", decay_steps)
         self.initial_learning_rate = initial_learning_rate
         self.decay_steps = decay_steps
@@ -503,7 +505,7 @@ class InverseTimeDecay(_BuiltinSchedule):
         return (dt, _caster(dt), dt(self.initial_learning_rate), dt(self.decay_steps), dt(self.decay_rate),
                 bool(self.staircase), dt(1))
 
-    def __call__(self, step) -> float:
+    def __call__(self, step: Any) -> float:
         """``initial_learning_rate / (1 + decay_rate * p)`` at ``step`` (see the class docstring)."""
         c = self._c or self._constants()
         dt, cast, lr0, d, rate, staircase, one = c
@@ -563,8 +565,8 @@ class CosineDecay(_BuiltinSchedule):
 
     _fields = ("initial_learning_rate", "decay_steps", "alpha", "warmup_target", "warmup_steps")
 
-    def __init__(self, initial_learning_rate, decay_steps, alpha=0.0, name="CosineDecay", warmup_target=None,
-                 warmup_steps=0):
+    def __init__(self, initial_learning_rate: float, decay_steps: float, alpha: float = 0.0, name: str = "CosineDecay",
+                 warmup_target: Optional[float] = None, warmup_steps: float = 0) -> None:
         _check_positive("decay_steps", decay_steps)
         self.initial_learning_rate = initial_learning_rate
         self.decay_steps = decay_steps
@@ -583,7 +585,7 @@ class CosineDecay(_BuiltinSchedule):
         return (dt, _caster(dt), dt(self.initial_learning_rate), d, dt(1 - self.alpha), dt(self.alpha),
                 dt(math.pi), dt(0.5), dt(1), warm, target, w, d + w)
 
-    def __call__(self, step) -> float:
+    def __call__(self, step: Any) -> float:
         """The warm-up or cosine value at ``step`` (see the class docstring)."""
         c = self._c or self._constants()
         dt, cast, lr0, d, keep, alpha, pi, half, one, warm, target, w, dw = c
@@ -657,8 +659,8 @@ class CosineDecayRestarts(_BuiltinSchedule):
 
     _fields = ("initial_learning_rate", "first_decay_steps", "_t_mul", "_m_mul", "alpha")
 
-    def __init__(self, initial_learning_rate, first_decay_steps, t_mul=2.0, m_mul=1.0, alpha=0.0,
-                 name="SGDRDecay"):
+    def __init__(self, initial_learning_rate: float, first_decay_steps: float, t_mul: float = 2.0, m_mul: float = 1.0,
+                 alpha: float = 0.0, name: str = "SGDRDecay") -> None:
         _check_positive("first_decay_steps", first_decay_steps)
         self.initial_learning_rate = initial_learning_rate
         self.first_decay_steps = first_decay_steps
@@ -697,7 +699,7 @@ class CosineDecayRestarts(_BuiltinSchedule):
                 one - alpha, one - t, _log(t, cast), t != one, dt(math.pi), dt(0.5), one, t64, fds64,
                 t64 > 0 and math.isfinite(t64))
 
-    def __call__(self, step) -> float:
+    def __call__(self, step: Any) -> float:
         """The SGDR value at ``step`` (see the class docstring)."""
         c = self._c or self._constants()
         dt, cast, lr0, fds, t, m, alpha, keep, one_minus_t, log_t, geometric, pi, half, one, t64, fds64, t_ok = c

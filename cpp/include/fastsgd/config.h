@@ -20,6 +20,13 @@
 #endif
 #endif
 
+// FASTSGD_VERSION_MAJOR/MINOR/PATCH come from CMakeLists.txt's project(VERSION), through the
+// header CMake generates and installs next to this one. A compile that only has the source tree
+// on its include path (no CMake) sees 0.0.0 rather than a number that could go stale.
+#if __has_include(<fastsgd/version.h>)
+#include <fastsgd/version.h>
+#else
 #define FASTSGD_VERSION_MAJOR 0
-#define FASTSGD_VERSION_MINOR 1
+#define FASTSGD_VERSION_MINOR 0
 #define FASTSGD_VERSION_PATCH 0
+#endif
