@@ -67,12 +67,17 @@ print((root / "share" / "cmake" / "fastsgd" / "fastsgdConfig.cmake").is_file())
 
 def test_the_engine_is_installed_once():
     # The wheel builds the core shared: the extension links it instead of carrying a copy.
-    libs = sorted(p.name for p in (PACKAGE / "lib").glob("*fastsgd_core*"))
+    # The compiled files sit beside the extension module (an editable install keeps the Python
+    # sources elsewhere).
+    from fastsgd import _core
+
+    native = Path(_core.__file__).resolve().parent
+    libs = sorted(p.name for p in (native / "lib").glob("*fastsgd_core*"))
     assert libs, "the core library is missing"
     if any(name.endswith((".so", ".dylib")) for name in libs):
         assert not any(name.endswith(".a") for name in libs), libs
-        module = next(p for p in PACKAGE.glob("_core*") if p.name.endswith(tuple(EXTENSION_SUFFIXES)))
-        core = next(p for p in (PACKAGE / "lib").glob("*fastsgd_core*"))
+        module = next(p for p in native.glob("_core*") if p.name.endswith(tuple(EXTENSION_SUFFIXES)))
+        core = next(p for p in (native / "lib").glob("*fastsgd_core*"))
         assert module.stat().st_size < core.stat().st_size / 2
 
 

@@ -3,6 +3,7 @@
 // API where the type offers it, else __dlpack__) into non-owning views, zero-copy, refuses
 // anything it cannot update in place, and runs the engine with the GIL released.
 // No math and no policy here: those live in the engine and in the Python facade.
+#include <pybind11/native_enum.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -587,8 +588,12 @@ class Engine {
     if (!slots.is_none()) {
       if (!py::isinstance<py::dict>(slots)) throw TypeError("slots must be a dict {SlotKind: list} or None");
       for (auto item : py::reinterpret_borrow<py::dict>(slots)) {
-        if (!py::isinstance<SlotKind>(item.first)) throw TypeError("slots keys must be SlotKind values");
-        const int k = int(item.first.cast<SlotKind>());
+        int k;
+        try {
+          k = int(item.first.cast<SlotKind>());
+        } catch (const py::cast_error&) {
+          throw TypeError("slots keys must be SlotKind values, got a " + type_name(item.first));
+        }
         if (!py::isinstance<py::sequence>(item.second) || py::isinstance<py::str>(item.second))
           throw TypeError(std::string("slots[") + slot_kind_name(SlotKind(k)) + "] must be a list");
         slot_seqs[k] = py::reinterpret_borrow<py::sequence>(item.second);
@@ -722,16 +727,20 @@ PYBIND11_MODULE(_core, m) {
     }
   });
 
-  py::enum_<Convention>(m, "Convention", "Which per-element rule the engine follows.")
+  // Real Python enums (enum.Enum), so that they compare, hash, pickle and type-check as users expect.
+  py::native_enum<Convention>(m, "Convention", "enum.Enum", "Which per-element rule the engine follows.")
       .value("keras", Convention::keras, "keras.optimizers.SGD: v = m*v - lr*g; w += v")
-      .value("torch", Convention::torch, "torch.optim.SGD: b = m*b + (1-dampening)*g; w -= lr*b");
-  py::enum_<DecayForm>(m, "DecayForm", "How weight decay enters the update.")
+      .value("torch", Convention::torch, "torch.optim.SGD: b = m*b + (1-dampening)*g; w -= lr*b")
+      .finalize();
+  py::native_enum<DecayForm>(m, "DecayForm", "enum.Enum", "How weight decay enters the update.")
       .value("decoupled", DecayForm::decoupled, "w *= 1 - weight_decay * lr (Keras)")
-      .value("l2", DecayForm::l2, "g += weight_decay * w (torch)");
-  py::enum_<SlotKind>(m, "SlotKind", "The optimizer state kept per variable.")
+      .value("l2", DecayForm::l2, "g += weight_decay * w (torch)")
+      .finalize();
+  py::native_enum<SlotKind>(m, "SlotKind", "enum.Enum", "The optimizer state kept per variable.")
       .value("momentum", SlotKind::momentum)
       .value("average", SlotKind::average)
-      .value("accumulator", SlotKind::accumulator);
+      .value("accumulator", SlotKind::accumulator)
+      .finalize();
 
   // Both records are bound field by field from their own lists in sgd.h: a new
   // hyper-parameter needs no edit here.

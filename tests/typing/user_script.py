@@ -40,5 +40,19 @@ def describe() -> str:
     return f"{version} {cpu['active']} {cuda['status']} {engine.__name__} {cmake_dir}"
 
 
+def engine_with_groups() -> tuple[bool, float]:
+    """Two parameter groups under torch's rule, a skip check and the two-phase norm, typed."""
+    options = _core.Options(convention=_core.Convention.torch, skip_nonfinite=True,
+                            group=_core.Group(learning_rate=0.1, momentum=0.9))
+    engine = _core.Engine(options)
+    slow: int = engine.add_group(_core.Group(learning_rate=0.01, decay_form=_core.DecayForm.l2, weight_decay=1e-4))
+    a, b = np.ones(8, np.float32), np.ones(4, np.float32)
+    engine.build([a, b], groups=[0, slow])
+    grads = [np.ones(8, np.float32), np.ones(4, np.float32)]
+    stats: _core.GradStats = engine.grad_stats(grads)
+    updated, skipped, missing = engine.step(grads, global_sum_squares=stats.total)
+    return updated and not skipped and missing == 0, stats.total
+
+
 if __name__ == "__main__":
-    print(train(10), describe())
+    print(train(10), describe(), engine_with_groups())
