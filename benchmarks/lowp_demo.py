@@ -62,13 +62,17 @@ def main():
     ax.set_xlabel("step")
     ax.set_ylabel("training MSE (float64, of the stored weights)")
     ax.set_title("fastsgd.SGD, linear regression, momentum 0.9: bfloat16 modes vs float32")
-    ax.legend()
+    ax.legend(loc="upper right")
     fig.tight_layout()
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     png = os.path.join(HERE, "results", "lowp_curves.png")
     fig.savefig(png, dpi=110)
     with open(os.path.join(HERE, "results", "lowp_demo.md"), "w") as f:
         f.write(f"# Low-precision training demo ({a.steps} steps, lr {a.lr}, momentum 0.9)\n\n")
+        f.write("bfloat16 rounded to nearest stalls once updates fall below half an ulp of the weights; "
+                "stochastic rounding, a float32 master and remainders keep descending with float32 until "
+                "the loss of the bfloat16-stored weights themselves (their quantisation floor; the float32 "
+                "run has no such floor).\n\n")
         f.write("![loss curves](lowp_curves.png)\n\n| mode | loss at step 100 | 1000 | final |\n|---|---:|---:|---:|\n")
         for name, c in curves.items():
             f.write(f"| {name} | {c[min(100, len(c) - 1)]:.4g} | {c[min(1000, len(c) - 1)]:.4g} | {c[-1]:.4g} |\n")

@@ -274,6 +274,10 @@ void SGD::build(const std::vector<TensorView>& variables, const std::vector<bool
     }
   }
   check_overlaps(intervals);
+  // The CUDA functor has no low-precision storage forms yet: refuse rather than ignore them.
+  if (device.kind == DeviceKind::cuda && (options_.master_weights || options_.stochastic_rounding))
+    throw ValueError(std::string("`") + (options_.master_weights ? "master_weights" : "stochastic_rounding") +
+                     "` is not available for CUDA variables yet (CPU only in this version)");
 
   auto impl = std::make_unique<Impl>();
   impl->device = device;
