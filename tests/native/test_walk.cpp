@@ -415,8 +415,8 @@ void run_lowp_case(const LowpScenario& sc, int count, int mis, std::mt19937& rng
   const bool remainder = o.master_weights == MasterForm::remainder;
   const bool master = o.master_weights == MasterForm::float32;
   const int counts[2] = {count, kMaxCount - count};
-  Guarded<W> w0(size_t(counts[0]), size_t(mis)), w1(size_t(counts[1]), size_t((mis * 3 + 1) % 8));
-  Guarded<W> g0(size_t(counts[0]), size_t((mis + 3) % 8)), g1(size_t(counts[1]), size_t(mis));
+  Guarded<W> w0{size_t(counts[0]), size_t(mis)}, w1{size_t(counts[1]), size_t((mis * 3 + 1) % 8)};
+  Guarded<W> g0{size_t(counts[0]), size_t((mis + 3) % 8)}, g1{size_t(counts[1]), size_t(mis)};
   Guarded<W>* ws[2] = {&w0, &w1};
   Guarded<W>* gs[2] = {&g0, &g1};
   std::vector<float> w32[2], g32[2];
