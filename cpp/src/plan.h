@@ -13,6 +13,10 @@
 namespace fastsgd {
 namespace detail {
 
+// How an update pass keeps a variable: as is, beside a float32 master, or as the high half of
+// a float32 master whose low half is a remainder slot.
+enum class VarForm : int32_t { plain = 0, master = 1, remainder = 2 };
+
 struct PassTask {
   PassKind kind = PassKind::update;
   Convention rule = Convention::keras;
@@ -26,6 +30,12 @@ struct PassTask {
   void* m = nullptr;    // momentum slot, or null
   void* avg = nullptr;  // EMA slot, or null
   void* acc = nullptr;  // accumulator slot, or null
+  // Low-precision storage of a 16-bit variable on update passes (see math.h, "16-bit storage"):
+  // `master` is its float32 master or its remainder slot (by `form`), `stochastic` rounds the
+  // stored variable with the random stream in ts.random_stream.
+  VarForm form = VarForm::plain;
+  bool stochastic = false;
+  void* master = nullptr;
   TensorScalars ts;
 };
 

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "backend.h"
+#include "fastsgd/math.h"
 #include "plan.h"
 
 namespace fastsgd {
@@ -54,6 +55,14 @@ DType slot_dtype_for(DType var, const Options& o) {
   return var;
 }
 
+bool is_16bit(DType t) { return t == DType::float16 || t == DType::bfloat16; }
+
+// The slot that holds a variable's exact value under Options::master_weights, if any.
+std::optional<SlotKind> master_slot_for(DType var, const Options& o) {
+  if (!o.master_weights || !is_16bit(var)) return std::nullopt;
+  return *o.master_weights == MasterForm::remainder ? SlotKind::remainder : SlotKind::master;
+}
+
 DecayForm decay_form_of(const Group& g, Convention c) {
   if (g.decay_form) return *g.decay_form;
   return c == Convention::torch ? DecayForm::l2 : DecayForm::decoupled;
@@ -87,7 +96,8 @@ void check_overlaps(std::vector<Interval>& items) {
   }
 }
 
-const char* const kSlotArgs[kNumSlotKinds] = {"slots[momentum]", "slots[average]", "slots[accumulator]"};
+const char* const kSlotArgs[kNumSlotKinds] = {"slots[momentum]", "slots[average]", "slots[accumulator]",
+                                              "slots[master]", "slots[remainder]"};
 
 }  // namespace
 
@@ -151,6 +161,15 @@ void validate(const Options& o) {
   if (o.gradient_accumulation_steps && *o.gradient_accumulation_steps != 0 && *o.gradient_accumulation_steps < 2)
     throw ValueError("`gradient_accumulation_steps` must be an integer >= 2. Received: gradient_accumulation_steps=" +
                      repr(o.gradient_accumulation_steps));
+  if (o.master_weights && *o.master_weights != MasterForm::float32 && *o.master_weights != MasterForm::remainder)
+    throw ValueError("`master_weights` must be MasterForm.float32, MasterForm.remainder or None");
+  if ((o.master_weights || o.stochastic_rounding) && o.use_ema)
+    throw ValueError(std::string("`") + (o.master_weights ? "master_weights" : "stochastic_rounding") +
+                     "` cannot be combined with `use_ema` (the moving average would bypass the master copy "
+                     "and the rounding); Received: use_ema=True");
+  if (o.master_weights && o.slots_in_variable_dtype)
+    throw ValueError("`master_weights` keeps a float32 master, so the other slots are float32 too; it cannot be "
+                     "combined with `slots_in_variable_dtype`");
   if (o.use_ema) {
     if (!(o.ema_momentum >= 0.0 && o.ema_momentum <= 1.0))
       throw ValueError("`ema_momentum` must be in the range [0, 1]. Received: ema_momentum=" + repr(o.ema_momentum));
@@ -205,8 +224,16 @@ const Group& SGD::group(size_t index) const {
   return groups_[index];
 }
 
-bool SGD::wants_slot(SlotKind kind, size_t) const {
+DType SGD::slot_dtype(SlotKind kind, size_t i) const {
+  if (kind == SlotKind::master) return DType::float32;
+  if (kind == SlotKind::remainder) return DType::bfloat16;  // raw 16-bit container
+  return impl_->slot_dtypes[i];
+}
+
+bool SGD::wants_slot(SlotKind kind, size_t i) const {
   switch (kind) {
+    case SlotKind::master:
+    case SlotKind::remainder: return master_slot_for(vars_.at(i).dtype, options_) == kind;
     case SlotKind::momentum:
       return std::any_of(groups_.begin(), groups_.end(), [](const Group& g) { return g.momentum != 0.0; });
     case SlotKind::average: return options_.use_ema;
@@ -237,29 +264,49 @@ void SGD::build(const std::vector<TensorView>& variables, const std::vector<bool
       throw ValueError(describe("variables", i) + " is on " + device_name(v.device) +
                        " but variables[0] is on " + device_name(device) +
                        "; one optimizer updates variables on one device");
+    if (options_.master_weights && *options_.master_weights == MasterForm::remainder && v.dtype == DType::float16)
+      throw ValueError("`master_weights=MasterForm.remainder` needs bfloat16 variables (their float32 master is "
+                       "the variable's bits plus 16 more); " + describe("variables", i) +
+                       " is float16: use MasterForm.float32");
     if (v.numel > 0) {
       const auto b = reinterpret_cast<uintptr_t>(v.data);
       intervals.push_back({b, b + uintptr_t(v.nbytes()), true, "variables", i});
     }
   }
   check_overlaps(intervals);
+  // The CUDA functor has no low-precision storage forms yet: refuse rather than ignore them.
+  if (device.kind == DeviceKind::cuda && (options_.master_weights || options_.stochastic_rounding))
+    throw ValueError(std::string("`") + (options_.master_weights ? "master_weights" : "stochastic_rounding") +
+                     "` is not available for CUDA variables yet (CPU only in this version)");
 
   auto impl = std::make_unique<Impl>();
   impl->device = device;
   impl->backend = device.kind == DeviceKind::cpu ? detail::make_cpu_backend()
                                                  : detail::make_cuda_backend(device.index);
+  vars_ = variables;
   for (size_t i = 0; i < variables.size(); ++i) {
     const DType sd = slot_dtype_for(variables[i].dtype, options_);
     impl->slot_dtypes.push_back(sd);
     for (int k = 0; k < kNumSlotKinds; ++k) {
       const bool allocate = !options_.caller_owned_slots && wants_slot(SlotKind(k), i);
-      impl->slots[k].push_back(allocate ? impl->backend->allocate_zeroed(variables[i].numel * dtype_size(sd))
+      const DType kd = k == int(SlotKind::master) ? DType::float32 : k == int(SlotKind::remainder) ? DType::bfloat16 : sd;
+      impl->slots[k].push_back(allocate ? impl->backend->allocate_zeroed(variables[i].numel * dtype_size(kd))
                                         : nullptr);
+    }
+    // A float32 master starts as its variable's value (a remainder as zeros: the variable's
+    // bits with a zero low half are the master exactly).
+    if (void* master = impl->slots[int(SlotKind::master)][i]) {
+      const TensorView& v = variables[i];
+      std::vector<uint16_t> bits(size_t(v.numel));
+      std::vector<float> wide(size_t(v.numel));
+      impl->backend->copy_to_host(bits.data(), v.data, v.nbytes());
+      for (size_t e = 0; e < bits.size(); ++e)
+        wide[e] = v.dtype == DType::bfloat16 ? to_float(bfloat16_t{bits[e]}) : to_float(half_t{bits[e]});
+      impl->backend->copy_from_host(master, wide.data(), v.numel * 4);
     }
   }
   impl->plan.tasks.reserve(variables.size());
-  impl->intervals.reserve(5 * variables.size());
-  vars_ = variables;
+  impl->intervals.reserve((2 + kNumSlotKinds) * variables.size());
   for (auto& v : vars_) v.data = nullptr;
   decays_ = decays.empty() ? std::vector<bool>(variables.size(), true) : decays;
   group_of_ = groups.empty() ? std::vector<size_t>(variables.size(), 0) : groups;
@@ -298,7 +345,9 @@ void SGD::set_skipped_steps(int64_t value) {
 }
 
 bool SGD::has_slot(SlotKind kind) const {
-  return built_ && !impl_->slots[int(kind)].empty() && impl_->slots[int(kind)][0] != nullptr;
+  if (!built_) return false;
+  const auto& list = impl_->slots[int(kind)];
+  return std::any_of(list.begin(), list.end(), [](void* p) { return p != nullptr; });
 }
 
 TensorView SGD::slot(SlotKind kind, size_t i) const {
@@ -306,7 +355,7 @@ TensorView SGD::slot(SlotKind kind, size_t i) const {
   TensorView v;
   v.data = impl_->slots[int(kind)][i];
   v.numel = v.data ? vars_[i].numel : 0;
-  v.dtype = impl_->slot_dtypes[i];
+  v.dtype = slot_dtype(kind, i);
   v.device = impl_->device;
   return v;
 }
@@ -372,17 +421,21 @@ void SGD::validate_request(const StepRequest& r, bool touches_all, bool update_c
     if (!has_grad && !touches_all) continue;
     same_kind(r.variables[i], i, "variables", vars_[i].dtype);
     if (!options_.caller_owned_slots || vars_[i].numel == 0) continue;
+    const bool updates = !measuring && has_grad && update_call;
+    const std::optional<SlotKind> master = master_slot_for(vars_[i].dtype, options_);
     const bool needs[kNumSlotKinds] = {
-        !measuring && has_grad && update_call && groups_[group_of_[i]].momentum != 0.0,
+        updates && groups_[group_of_[i]].momentum != 0.0,
         !measuring && options_.use_ema,
-        accumulating && (has_grad || update_call) && !(measuring && !(has_grad && update_call))};
+        accumulating && (has_grad || update_call) && !(measuring && !(has_grad && update_call)),
+        updates && master == SlotKind::master,
+        updates && master == SlotKind::remainder};
     for (int k = 0; k < kNumSlotKinds; ++k) {
       if (!needs[k]) continue;
       if (!r.slots[k] || !r.slots[k][i].data)
         throw ValueError(describe(kSlotArgs[k], i) + " is missing: the optimizer owns no slots "
                          "(caller_owned_slots) and this step needs the " + slot_kind_name(SlotKind(k)) +
                          " slot of variables[" + std::to_string(i) + "]");
-      same_kind(r.slots[k][i], i, kSlotArgs[k], impl_->slot_dtypes[i]);
+      same_kind(r.slots[k][i], i, kSlotArgs[k], slot_dtype(SlotKind(k), i));
     }
   }
   if (!any) throw ValueError("No gradients provided for any variable.");
@@ -429,7 +482,7 @@ void SGD::plan_step(const StepRequest& r, bool update_call, bool touches_all) {
       add(r.grads[i].data, vars_[i].nbytes(), false, "grads");
       if (o.caller_owned_slots)
         for (int k = 0; k < kNumSlotKinds; ++k)
-          add(slot_ptr(k, i), vars_[i].numel * dtype_size(im.slot_dtypes[i]), true, kSlotArgs[k]);
+          add(slot_ptr(k, i), vars_[i].numel * dtype_size(slot_dtype(SlotKind(k), i)), true, kSlotArgs[k]);
     }
     check_overlaps(im.intervals);
     im.last_pointers.swap(im.pointers);
@@ -493,6 +546,16 @@ void SGD::plan_step(const StepRequest& r, bool update_call, bool touches_all) {
     t.ts.weight_decay = decays_[i] ? g.weight_decay : 0.0;
     t.ts.decay_l2 = decay_form_of(g, o.convention) == DecayForm::l2;
     t.ts.maximize = g.maximize;
+    if (const std::optional<SlotKind> master = master_slot_for(t.var_dtype, o)) {
+      t.form = *master == SlotKind::master ? detail::VarForm::master : detail::VarForm::remainder;
+      t.master = slot_ptr(int(*master), i);
+    }
+    if (o.stochastic_rounding && is_16bit(t.var_dtype)) {
+      t.stochastic = true;
+      // Remainders regenerate the bits that rounded the last stored value: no step in the key.
+      const bool stepless = t.form == detail::VarForm::remainder;
+      t.ts.random_stream = math::random_stream(o.seed, stepless ? math::kStepless : uint64_t(raw_iterations_), i);
+    }
     if (o.convention == Convention::torch && t.momentum != MomentumKind::none) {
       t.ts.fresh_momentum = o.caller_owned_slots ? (r.fresh_momentum && r.fresh_momentum[i] != 0)
                                                  : momentum_started_[i] == 0;

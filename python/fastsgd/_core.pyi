@@ -29,6 +29,14 @@ class SlotKind(enum.Enum):
     momentum = 0
     average = 1
     accumulator = 2
+    master = 3
+    remainder = 4
+
+class MasterForm(enum.Enum):
+    """Where a 16-bit variable's exact float32 value lives between steps."""
+
+    float32 = 0
+    remainder = 1
 
 class Group:
     """One parameter group's hyper-parameters."""
@@ -68,6 +76,9 @@ class Options:
     slots_in_variable_dtype: bool
     caller_owned_slots: bool
     skip_nonfinite: bool
+    master_weights: Optional[MasterForm]
+    stochastic_rounding: bool
+    seed: int
     def __init__(
         self,
         *,
@@ -84,6 +95,9 @@ class Options:
         slots_in_variable_dtype: bool = ...,
         caller_owned_slots: bool = ...,
         skip_nonfinite: bool = ...,
+        master_weights: Optional[MasterForm] = ...,
+        stochastic_rounding: bool = ...,
+        seed: int = ...,
     ) -> None: ...
 
 class GradStats:
@@ -133,7 +147,7 @@ class Engine:
     def read_slot(self, kind: SlotKind, index: int) -> npt.NDArray[Any]: ...
     def write_slot(self, kind: SlotKind, index: int, values: npt.NDArray[Any]) -> None: ...
     def slot_spec(self, index: int) -> tuple[int, str]: ...
-    def has_slot(self, kind: SlotKind) -> bool: ...
+    def has_slot(self, kind: SlotKind, index: Optional[int] = None) -> bool: ...
     def momentum_started(self, index: int) -> bool: ...
     def set_momentum_started(self, index: int, started: bool) -> None: ...
     def set_decays(self, index: int, decays: bool) -> None: ...
@@ -152,6 +166,10 @@ class Engine:
     def raw_iterations(self) -> int: ...
     @raw_iterations.setter
     def raw_iterations(self, value: int) -> None: ...
+    @property
+    def seed(self) -> int: ...
+    @seed.setter
+    def seed(self, value: int) -> None: ...
     @property
     def skipped_steps(self) -> int: ...
     @skipped_steps.setter

@@ -15,7 +15,12 @@ import numpy as np
 from . import _core, schedules
 
 _SLOT_KINDS = {"momentum": _core.SlotKind.momentum, "average": _core.SlotKind.average,
-               "accumulator": _core.SlotKind.accumulator}
+               "accumulator": _core.SlotKind.accumulator, "master": _core.SlotKind.master,
+               "remainder": _core.SlotKind.remainder}
+# Slots that only 16-bit variables have (master_weights): their lists hold None for the others,
+# and their dtypes are fixed (float32 masters, uint16 remainders) rather than in slot_dtypes.
+_MASTER_KINDS = {"master": "float32", "remainder": "uint16"}
+_MASTER_FORMS = {"float32": _core.MasterForm.float32, "remainder": _core.MasterForm.remainder}
 _LEGACY_KWARGS = {"decay", "lr", "jit_compile", "is_legacy_optimizer", "amsgrad"}
 _name_counts: dict = {}
 
@@ -55,7 +60,7 @@ def _float_arg(name: str, value: Any) -> float:
 # Checkpoint limits: the raw counter is an int64 that every apply() increments, so a restored
 # value keeps 2**62 steps of headroom instead of wrapping negative one step later.
 _MAX_ITERATIONS = 2**62
-_STATE_KEYS = {"iterations", "learning_rate", "slots", "shapes", "slot_dtypes"}
+_STATE_KEYS = {"iterations", "learning_rate", "slots", "shapes", "slot_dtypes", "seed"}
 
 
 def _is_array_like(x: Any) -> bool:
@@ -177,6 +182,17 @@ class SGD:
         skip_nonfinite: if True, a call whose gradients (after unscaling and accumulation) hold an
             Inf or NaN changes nothing at all: variables, slots, EMA and ``iterations`` stay as
             they were, and ``skipped_steps`` counts it. Off by default, as in Keras.
+        master_weights: for float16/bfloat16 variables (others are unaffected), where the exact
+            value lives between steps: None (the variable itself), "float32" (a float32 master
+            slot: the step runs on it and stores the rounded variable in the same pass), or
+            "remainder" (bfloat16 only: a uint16 slot with the low 16 bits of the float32 master,
+            whose high 16 bits are the variable, rounded to nearest with ties away from zero).
+            Not with ``use_ema`` or ``slot_dtype="variable"``.
+        stochastic_rounding: for float16/bfloat16 variables, store the updated value rounded up
+            or down with probability proportional to its distance (unbiased), using random bits
+            from (``seed``, step, variable index, element index): the same on every CPU, thread
+            count and device, and after a ``state_dict`` resume. Not with ``use_ema``.
+        seed: an int in [0, 2**64), the stochastic rounding key (part of the config and state).
         **kwargs: ``jit_compile`` and TF-Keras's ``is_legacy_optimizer`` are accepted and unused;
             ``lr`` is a deprecated alias of ``learning_rate``; ``decay`` is ignored with a warning.
 
@@ -206,6 +222,9 @@ class SGD:
         name: Optional[str] = None,
         slot_dtype: str = "float32",
         skip_nonfinite: bool = False,
+        master_weights: Optional[str] = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         unknown = sorted(set(kwargs) - _LEGACY_KWARGS)
@@ -261,6 +280,15 @@ class SGD:
             raise ValueError(f"`slot_dtype` must be 'float32' or 'variable', got {slot_dtype!r}")
         self.slot_dtype = slot_dtype
         self.skip_nonfinite = bool(skip_nonfinite)
+        if master_weights is not None and (not isinstance(master_weights, str) or master_weights not in _MASTER_FORMS):
+            raise ValueError(f"`master_weights` must be None, 'float32' or 'remainder', got {master_weights!r}")
+        self.master_weights = master_weights
+        self.stochastic_rounding = bool(stochastic_rounding)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"`seed` must be an int in [0, 2**64), got {seed!r}")
+        if not 0 <= int(seed) < 2**64:
+            raise ValueError(f"`seed` must be an int in [0, 2**64), got {seed!r}")
+        self.seed = int(seed)
         self.name = name if name is not None else _auto_name("sgd")
 
         self._set_learning_rate(learning_rate, initial=True)
@@ -294,6 +322,9 @@ class SGD:
         options.gradient_accumulation_steps = self.gradient_accumulation_steps
         options.slots_in_variable_dtype = self.slot_dtype == "variable"
         options.skip_nonfinite = self.skip_nonfinite
+        options.master_weights = None if self.master_weights is None else _MASTER_FORMS[self.master_weights]
+        options.stochastic_rounding = self.stochastic_rounding
+        options.seed = self.seed
         return options
 
     def _set_learning_rate(self, value: Any, initial: bool = False) -> None:
@@ -390,6 +421,7 @@ class SGD:
             self._increment_version = torch.autograd.graph.increment_version
         if learning_rate is not None and self._lr_kind == "float":
             self._lr = learning_rate
+        self.seed = int(engine.seed)
         self._pending_state = None
 
     def _decays(self, variable: Any) -> bool:
@@ -620,6 +652,9 @@ class SGD:
             # fastsgd's own arguments, only when set: keras.optimizers.SGD refuses unknown keys.
             **({"slot_dtype": self.slot_dtype} if self.slot_dtype != "float32" else {}),
             **({"skip_nonfinite": True} if self.skip_nonfinite else {}),
+            **({"master_weights": self.master_weights} if self.master_weights is not None else {}),
+            **({"stochastic_rounding": True} if self.stochastic_rounding else {}),
+            **({"seed": self.seed} if self.seed != 0 else {}),
         }
 
     @classmethod
@@ -633,8 +668,9 @@ class SGD:
     def state_dict(self) -> dict:
         """A checkpoint of the optimizer state as NumPy copies: ``iterations`` (the raw call
         counter), ``learning_rate`` (for float rates), every slot in build order shaped like
-        its variable (``slots[kind][i]``), and the variables' ``shapes`` and the slots'
-        ``slot_dtypes``, which ``load_state_dict`` checks. Resuming from it gives bit-identical
+        its variable (``slots[kind][i]``; ``master`` and ``remainder`` lists hold None for
+        variables that are not 16-bit), the variables' ``shapes`` and the slots' ``slot_dtypes``,
+        which ``load_state_dict`` checks, and with stochastic rounding the ``seed``. Resuming from it gives bit-identical
         results to never stopping. Before build, a state loaded earlier is returned as is."""
         with self._lock:
             if not self.built and self._pending_state is not None:
@@ -642,6 +678,8 @@ class SGD:
             state: dict = {"iterations": int(self._engine.raw_iterations), "slots": {}}
             if self._lr_kind == "float":
                 state["learning_rate"] = self._lr
+            if self.stochastic_rounding:
+                state["seed"] = int(self._engine.seed)
             if self.built:
                 shapes = [_shape_of(v) for v in self._variables]
                 state["shapes"] = [list(shape) for shape in shapes]
@@ -652,20 +690,26 @@ class SGD:
                         continue
                     arrays, kind_dtypes = [], []
                     for i, shape in enumerate(shapes):
-                        arr, dtype = self._read_slot(self._engine, code, i, bf16)
+                        if kind in _MASTER_KINDS and not self._engine.has_slot(code, i):
+                            arrays.append(None)
+                            continue
+                        arr, dtype = self._read_slot(self._engine, code, i, bf16, kind)
                         arrays.append(arr.reshape(shape))
                         kind_dtypes.append(dtype)
                     state["slots"][kind] = arrays
-                    dtypes = kind_dtypes
+                    if kind not in _MASTER_KINDS:
+                        dtypes = kind_dtypes
                 if dtypes is not None:
                     state["slot_dtypes"] = dtypes
             return state
 
     @staticmethod
-    def _read_slot(engine: Any, code: int, i: int, bf16: Optional[np.dtype]) -> tuple:
+    def _read_slot(engine: Any, code: int, i: int, bf16: Optional[np.dtype], kind: str = "") -> tuple:
         """(flat copy of a slot, its dtype name); bfloat16 slots come back as ml_dtypes
-        bfloat16 when it is installed, else as their raw uint16 bits."""
+        bfloat16 when it is installed, else as their raw uint16 bits; remainders as uint16."""
         arr = np.asarray(engine.read_slot(code, i))
+        if arr.dtype == np.uint16 and kind == "remainder":
+            return arr, "uint16"
         if arr.dtype == np.uint16:
             return (arr.view(bf16) if bf16 is not None else arr), "bfloat16"
         return arr, arr.dtype.name
@@ -684,6 +728,8 @@ class SGD:
             learning_rate = self._write_state(self._engine, self._variables, normalized)
             if learning_rate is not None and self._lr_kind == "float":
                 self._lr = learning_rate
+            if "seed" in normalized:
+                self.seed = normalized["seed"]
 
     @staticmethod
     def _check_state(state: Any) -> dict:
@@ -721,6 +767,11 @@ class SGD:
         slots = state.get("slots", {})
         if not isinstance(slots, Mapping):
             raise TypeError(f"state['slots'] must be a dict of slot lists, got {type(slots).__name__}")
+        if "seed" in state:
+            seed = state["seed"]
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
+                raise ValueError(f"state['seed'] must be an int in [0, 2**64), got {seed!r}")
+            out["seed"] = int(seed)
         out["slots"] = {}
         for kind, arrays in slots.items():
             if kind not in _SLOT_KINDS:
@@ -729,6 +780,9 @@ class SGD:
                 raise TypeError(f"state['slots'][{kind!r}] must be a list of arrays, got {type(arrays).__name__}")
             copies = []
             for i, arr in enumerate(arrays):
+                if arr is None and kind in _MASTER_KINDS:
+                    copies.append(None)
+                    continue
                 if not (isinstance(arr, np.ndarray) or _is_torch(arr)):
                     raise TypeError(f"{kind} slot {i} must be a NumPy array, got {type(arr).__name__}")
                 a = np.array(_to_numpy(arr), copy=True, order="C")
@@ -747,11 +801,17 @@ class SGD:
         slots = state["slots"]
         for kind, code in _SLOT_KINDS.items():
             has = engine.has_slot(code)
+            if has and kind in _MASTER_KINDS and kind in slots and len(slots[kind]) == n:
+                for i in range(n):
+                    if engine.has_slot(code, i) != (slots[kind][i] is not None):
+                        raise ValueError(f"state's {kind} slot {i} is {'missing' if slots[kind][i] is None else 'present'}"
+                                         f", but variables[{i}] {'has' if engine.has_slot(code, i) else 'has no'} "
+                                         f"{kind} slot (only 16-bit variables have one)")
             if has and kind not in slots:
                 raise ValueError(f"state has no {kind} slots but this optimizer needs them")
-            if not has and kind in slots:
+            if not has and kind in slots and any(a is not None for a in slots[kind]):
                 raise ValueError(f"this optimizer has no {kind} slots (check momentum / use_ema / "
-                                 "gradient_accumulation_steps)")
+                                 "gradient_accumulation_steps / master_weights)")
             if has and len(slots[kind]) != n:
                 raise ValueError(f"state has {len(slots[kind])} {kind} slots, the optimizer {n}")
         shapes = [_shape_of(v) for v in variables]
@@ -767,7 +827,20 @@ class SGD:
         prepared, backup = [], []
         for kind, arrays in slots.items():
             code = _SLOT_KINDS[kind]
+            if not engine.has_slot(code):
+                continue
             for i, arr in enumerate(arrays):
+                if kind in _MASTER_KINDS:
+                    if arr is None:
+                        continue
+                    current, dtype = SGD._read_slot(engine, code, i, bf16, kind)
+                    if arr.shape != shapes[i]:
+                        raise ValueError(f"{kind} slot {i} has shape {arr.shape}, its variable {shapes[i]}")
+                    if arr.dtype.name != _MASTER_KINDS[kind]:
+                        raise ValueError(f"{kind} slot {i} has dtype {arr.dtype}; this slot is {_MASTER_KINDS[kind]}")
+                    prepared.append((code, i, np.ascontiguousarray(arr.reshape(-1))))
+                    backup.append((code, i, current))
+                    continue
                 current, dtype = SGD._read_slot(engine, code, i, bf16)
                 if "slot_dtypes" in state and i < len(state["slot_dtypes"]) and state["slot_dtypes"][i] != dtype:
                     raise ValueError(f"{kind} slot {i} was saved as {state['slot_dtypes'][i]}, "
@@ -788,15 +861,18 @@ class SGD:
                     flat = arr.reshape(-1)
                 prepared.append((code, i, np.ascontiguousarray(flat)))
                 backup.append((code, i, current.view(np.uint16) if dtype == "bfloat16" else current))
-        old_iterations = engine.raw_iterations
+        old_iterations, old_seed = engine.raw_iterations, engine.seed
         try:
             for code, i, flat in prepared:
                 engine.write_slot(code, i, flat)
             engine.raw_iterations = state["iterations"]
+            if "seed" in state:
+                engine.seed = state["seed"]
         except BaseException:
             for code, i, flat in backup:
                 engine.write_slot(code, i, np.ascontiguousarray(flat))
             engine.raw_iterations = old_iterations
+            engine.seed = old_seed
             raise
         return state.get("learning_rate")
 

@@ -584,7 +584,7 @@ class Engine {
       throw ValueError("grads and variables differ in length (" + std::to_string(n) + " and " +
                        std::to_string(vars_seq.size()) + ")");
     py::sequence slot_seqs[kNumSlotKinds];
-    bool has_slots[kNumSlotKinds] = {false, false, false};
+    bool has_slots[kNumSlotKinds] = {};
     if (!slots.is_none()) {
       if (!py::isinstance<py::dict>(slots)) throw TypeError("slots must be a dict {SlotKind: list} or None");
       for (auto item : py::reinterpret_borrow<py::dict>(slots)) {
@@ -696,7 +696,8 @@ class Engine {
   }
 
   static constexpr const char* kSlotNames[kNumSlotKinds] = {"slots[momentum]", "slots[average]",
-                                                            "slots[accumulator]"};
+                                                            "slots[accumulator]", "slots[master]",
+                                                            "slots[remainder]"};
 
   SGD sgd_;
   std::mutex busy_;
@@ -740,6 +741,14 @@ PYBIND11_MODULE(_core, m) {
       .value("momentum", SlotKind::momentum)
       .value("average", SlotKind::average)
       .value("accumulator", SlotKind::accumulator)
+      .value("master", SlotKind::master)
+      .value("remainder", SlotKind::remainder)
+      .finalize();
+  py::native_enum<MasterForm>(m, "MasterForm", "enum.Enum",
+                              "Where a 16-bit variable's exact float32 value lives between steps.")
+      .value("float32", MasterForm::float32, "a float32 master slot (4 bytes per element)")
+      .value("remainder", MasterForm::remainder,
+             "bfloat16 only: the master's low 16 bits in a remainder slot (2 bytes per element)")
       .finalize();
 
   // Both records are bound field by field from their own lists in sgd.h: a new
@@ -792,8 +801,15 @@ PYBIND11_MODULE(_core, m) {
       .def("write_slot", &Engine::write_slot, py::arg("kind"), py::arg("index"), py::arg("values"),
            "Overwrites one slot from a flat contiguous array of the slot's dtype.")
       .def("slot_spec", &Engine::slot_spec, py::arg("index"), "(numel, dtype name) of variable index's slots.")
-      .def("has_slot", [](Engine& e, SlotKind kind) { return e.sgd().has_slot(kind); }, py::arg("kind"),
-           "Whether engine-owned slots of this kind exist.")
+      .def("has_slot",
+           [](Engine& e, SlotKind kind, std::optional<size_t> index) {
+             return index ? e.sgd().slot(kind, *index).data != nullptr : e.sgd().has_slot(kind);
+           },
+           py::arg("kind"), py::arg("index") = py::none(),
+           "Whether engine-owned slots of this kind exist (for variable index, when given).")
+      .def_property("seed", [](Engine& e) { return e.sgd().seed(); },
+                    [](Engine& e, uint64_t v) { e.locked([&](SGD& s) { s.set_seed(v); }); },
+                    "The stochastic rounding seed (Options.seed), restored by checkpoints.")
       .def("momentum_started", [](Engine& e, size_t i) { return e.sgd().momentum_started(i); }, py::arg("index"),
            "torch convention: whether variable index's momentum slot has had its first step.")
       .def("set_momentum_started",

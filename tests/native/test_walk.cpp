@@ -21,6 +21,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "check.h"
@@ -360,6 +361,146 @@ void sweep(const std::vector<Scenario>& list) {
               check::failures() == before ? "ok" : "FAILED");
 }
 
+// ---- low-precision storage forms ---------------------------------------------------------------
+//
+// 16-bit variables with a float32 master, a remainder, stochastic rounding, or both, against a
+// float32 engine run in lockstep on the widened values (its walk is checked against the reference
+// above): the master (or the remainder joined with the variable) must be the float32 run's
+// variable bit for bit, and the stored variable its rounding with math.h's random bits. Without a
+// master, the float32 run restarts each step from the widened 16-bit variable.
+struct LowpScenario {
+  const char* name;
+  Options options;
+};
+
+std::vector<LowpScenario> lowp_scenarios() {
+  std::vector<LowpScenario> list;
+  for (int form = 0; form < 3; ++form)
+    for (int sr = 0; sr < 2; ++sr)
+      for (int rule = 0; rule < 3; ++rule) {
+        if (form == 0 && !sr) continue;
+        LowpScenario sc;
+        Options& o = sc.options;
+        if (form == 1) o.master_weights = MasterForm::float32;
+        if (form == 2) o.master_weights = MasterForm::remainder;
+        o.stochastic_rounding = sr != 0;
+        o.seed = 0x5eed + uint64_t(rule);
+        if (rule == 0) {
+          o.group.momentum = 0.9;
+          o.group.weight_decay = 0.01;
+        } else if (rule == 1) {
+          o.convention = Convention::torch;
+          o.group.momentum = 0.8;
+          o.group.nesterov = true;
+          o.group.weight_decay = 0.02;
+        } else {
+          o.gradient_accumulation_steps = 2;
+          o.clipvalue = 0.5;
+        }
+        static const char* names[3][2][3] = {
+            {{"", "", ""}, {"sr keras", "sr torch", "sr accumulate2"}},
+            {{"master keras", "master torch", "master accumulate2"},
+             {"master+sr keras", "master+sr torch", "master+sr accumulate2"}},
+            {{"remainder keras", "remainder torch", "remainder accumulate2"},
+             {"remainder+sr keras", "remainder+sr torch", "remainder+sr accumulate2"}}};
+        sc.name = names[form][sr][rule];
+        list.push_back(sc);
+      }
+  return list;
+}
+
+template <class W>
+void run_lowp_case(const LowpScenario& sc, int count, int mis, std::mt19937& rng) {
+  const Options& o = sc.options;
+  const bool remainder = o.master_weights == MasterForm::remainder;
+  const bool master = o.master_weights == MasterForm::float32;
+  const int counts[2] = {count, kMaxCount - count};
+  Guarded<W> w0{size_t(counts[0]), size_t(mis)}, w1{size_t(counts[1]), size_t((mis * 3 + 1) % 8)};
+  Guarded<W> g0{size_t(counts[0]), size_t((mis + 3) % 8)}, g1{size_t(counts[1]), size_t(mis)};
+  Guarded<W>* ws[2] = {&w0, &w1};
+  Guarded<W>* gs[2] = {&g0, &g1};
+  std::vector<float> w32[2], g32[2];
+  std::uniform_real_distribution<double> uniform(-2.0, 2.0);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<TensorView> views, grads, views32, grads32;
+  for (int i = 0; i < 2; ++i) {
+    w32[i].resize(size_t(counts[i]));
+    g32[i].resize(size_t(counts[i]));
+    for (int e = 0; e < counts[i]; ++e) {
+      ws[i]->data()[e] = from_double<W>(uniform(rng));
+      w32[i][size_t(e)] = load<float>(ws[i]->data()[e]);
+    }
+    views.push_back({ws[i]->data(), counts[i], ref::dtype_of<W>::value});
+    grads.push_back({gs[i]->data(), counts[i], ref::dtype_of<W>::value});
+    views32.push_back({w32[i].data(), counts[i], DType::float32});
+    grads32.push_back({g32[i].data(), counts[i], DType::float32});
+  }
+  Options o32 = o;
+  o32.master_weights.reset();
+  o32.stochastic_rounding = false;
+  SGD sgd(o), sgd32(o32);
+  sgd.build(views);
+  sgd32.build(views32);
+  for (int step = 0; step < kSteps; ++step) {
+    const char* where = sc.name;
+    for (int i = 0; i < 2; ++i)
+      for (int e = 0; e < counts[i]; ++e) {
+        gs[i]->data()[e] = from_double<W>(normal(rng) * (step + 1));
+        g32[i][size_t(e)] = load<float>(gs[i]->data()[e]);
+        if (!master && !remainder) w32[i][size_t(e)] = load<float>(ws[i]->data()[e]);
+      }
+    const int64_t raw = sgd.raw_iterations();
+    sgd.step(views, grads, kRates[step]);
+    sgd32.step(views32, grads32, kRates[step]);
+    for (int i = 0; i < 2; ++i) {
+      const W* wv = ws[i]->data();
+      if (!CHECK_MSG(ws[i]->intact() && gs[i]->intact(), "[%s] lowp %s W=%s count=%d mis=%d: sentinel overwritten",
+                     g_level.c_str(), where, ref::type_name<W>(), count, mis))
+        return;
+      const TensorView slot = sgd.slot(remainder ? SlotKind::remainder : SlotKind::master, size_t(i));
+      const uint64_t stream = math::random_stream(o.seed, remainder ? math::kStepless : uint64_t(raw), uint64_t(i));
+      for (int e = 0; e < counts[i]; ++e) {
+        const float x = w32[i][size_t(e)];
+        const uint32_t u = bits::float_bits(x);
+        W expect{};
+        if (remainder) {
+          const uint16_t lo = static_cast<const uint16_t*>(slot.data)[e];
+          if (!CHECK_MSG(lo == (u & 0xffffu), "[%s] lowp %s count=%d mis=%d step=%d: remainder[%d][%d] = %04x, "
+                         "float32 run %08x", g_level.c_str(), where, count, mis, step, i, e, lo, u))
+            return;
+          expect.bits = math::bf16_round_bits(u, o.stochastic_rounding ? math::random16_salted(stream, e, lo) : 0x8000u);
+        } else {
+          if (master && !CHECK_MSG(bits::float_bits(static_cast<const float*>(slot.data)[e]) == u,
+                                   "[%s] lowp %s count=%d mis=%d step=%d: master[%d][%d] differs from the float32 run",
+                                   g_level.c_str(), where, count, mis, step, i, e))
+            return;
+          // An accumulation call (window 2, even raw step) writes no variable.
+          const bool wrote = !o.gradient_accumulation_steps || raw % 2 == 1;
+          if (!wrote) expect = wv[e];
+          else if (o.stochastic_rounding) math::store_rounded<true>(expect, x, math::random16(stream, e));
+          else store(expect, x);
+        }
+        if (!CHECK_MSG(ref::same(wv[e], expect), "[%s] lowp %s W=%s count=%d mis=%d step=%d: variable[%d][%d] = %.9g, "
+                       "expected %.9g", g_level.c_str(), where, ref::type_name<W>(), count, mis, step, i, e,
+                       load<double>(wv[e]), load<double>(expect)))
+          return;
+      }
+    }
+  }
+}
+
+template <class W>
+void sweep_lowp(const std::vector<LowpScenario>& list) {
+  std::mt19937 rng(20240612);
+  const int before = check::failures();
+  for (const LowpScenario& sc : list) {
+    if (std::is_same<W, half_t>::value && sc.options.master_weights == MasterForm::remainder) continue;
+    for (int count = 0; count <= kMaxCount; ++count)
+      for (int mis : kMisalign) run_lowp_case<W>(sc, count, mis, rng);
+  }
+  std::printf("  lowp W=%-8s %s\n", ref::type_name<W>(), check::failures() == before ? "ok" : "FAILED");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -389,5 +530,8 @@ int main(int argc, char** argv) {
   sweep<half_t, half_t>(list);
   sweep<bfloat16_t, float>(list);
   sweep<bfloat16_t, bfloat16_t>(list);
+  const std::vector<LowpScenario> lowp = lowp_scenarios();
+  sweep_lowp<bfloat16_t>(lowp);
+  sweep_lowp<half_t>(lowp);
   return check::finish(("test_walk " + level).c_str());
 }

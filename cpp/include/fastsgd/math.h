@@ -23,12 +23,19 @@
 // Then, in both:
 //   avg <- keep * avg + (1 - keep) * w           EMA (keep = 0 on the first step)
 //   w <- avg                                     periodic EMA overwrite
+// 16-bit variables (float16, bfloat16), at the end of this file: the update may start from a
+// float32 master (a slot, or the variable's bits joined with a 16-bit remainder) and store the
+// variable rounded to nearest or stochastically, with random bits from a counter-based
+// generator keyed by (seed, step, variable, element): no state, so every ISA level, thread
+// split and CUDA draw the same bits.
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 #include "fastsgd/config.h"
+#include "fastsgd/dtype.h"
 #include "fastsgd/step.h"
 
 namespace fastsgd {
@@ -228,6 +235,122 @@ FASTSGD_HD void ema_only(C& w, C& avg, const Coeffs<C>& k) {
 // finalize_variable_values: the variable takes its average.
 template <class C>
 FASTSGD_HD void take_average(C& w, C avg) { w = avg; }
+
+
+// ---- 16-bit storage: random streams, stochastic rounding, remainders ---------------------------
+
+// splitmix64's finaliser: a bijection of 64-bit words that mixes every input bit into every
+// output bit.
+FASTSGD_HD uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// lowbias32 (C. Wellons): a bijection of 32-bit words with low avalanche bias; 32-bit
+// multiplies, so it vectorises on every ISA level.
+FASTSGD_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  return x ^ (x >> 16);
+}
+
+// The key of variable `tensor`'s random stream at raw step `step`, under `seed`:
+// mix64(mix64(mix64(seed) ^ step) ^ (tensor + golden)). Computed once per tensor and step.
+FASTSGD_HD uint64_t random_stream(uint64_t seed, uint64_t step, uint64_t tensor) {
+  return mix64(mix64(mix64(seed) ^ step) ^ (tensor + 0x9e3779b97f4a7c15ull));
+}
+
+// A step-independent stream (remainders with stochastic rounding, which must regenerate the
+// bits of an earlier step from what the slots hold).
+constexpr uint64_t kStepless = ~0ull;
+
+// 16 random bits for element i of a stream: the high half of mix32(key + i), the key being the
+// stream's low word xor its high word, and the index's high word folded in (tensors >= 2^32).
+FASTSGD_HD uint32_t random16(uint64_t stream, int64_t i) {
+  const uint64_t u = uint64_t(i);
+  const uint32_t key = uint32_t(stream) ^ uint32_t(stream >> 32);
+  return mix32(key + uint32_t(u) + uint32_t(u >> 32) * 0x9e3779b9u) >> 16;
+}
+
+// As random16, further keyed by `salt` (a remainder's 16 bits): mix32(mix32(key + i) ^ salt).
+FASTSGD_HD uint32_t random16_salted(uint64_t stream, int64_t i, uint32_t salt) {
+  const uint64_t u = uint64_t(i);
+  const uint32_t key = uint32_t(stream) ^ uint32_t(stream >> 32);
+  return mix32(mix32(key + uint32_t(u) + uint32_t(u >> 32) * 0x9e3779b9u) ^ salt) >> 16;
+}
+
+// float32 bits u -> bfloat16 bits (u + r) >> 16: the high half, plus one in magnitude when the
+// low half lo carries, lo + r >= 2^16. r = 0x8000 rounds to nearest with ties away from zero;
+// r uniform in [0, 2^16) rounds stochastically, up with probability lo / 2^16 exactly, so the
+// expected result is x itself. Carries into the exponent are correct (to infinity past the
+// largest bfloat16); Inf has lo = 0 and stays; NaN stays a quiet NaN.
+FASTSGD_HD uint16_t bf16_round_bits(uint32_t u, uint32_t r) {
+  const uint16_t nan = uint16_t((u >> 16) | 0x0040u);
+  const uint16_t rounded = uint16_t((u + r) >> 16);
+  return (u & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
+}
+
+// float32 -> float16 rounded stochastically with 16 random bits r: P(up) = dropped / ulp.
+// Normal halves drop 13 bits, r >> 3 is 13 uniform bits added below the kept ones: exact
+// probability. Subnormal halves (|x| < 2^-14, ulp 2^-24): t = |x| * 2^24 (exact), q = floor(t),
+// f = t - q (exact), up when f * 2^16 >= 2^16 - r: probability floor(f * 2^16) / 2^16, within
+// 2^-16 ulp of f. Overflow, Inf and NaN as to_half (a carry past 65504 gives infinity).
+FASTSGD_HD uint16_t half_round_stochastic(float x, uint32_t r) {
+  const uint32_t u = bits::float_bits(x);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t abs = u & 0x7fffffffu;
+  const uint32_t normal = (abs + 0xc8000000u + (r >> 3)) >> 13;
+  const float t = bits::bits_float(abs < 0x38800000u ? abs : 0u) * 16777216.0f;
+  const float q = float(int32_t(t));
+  const float f = (t - q) * 65536.0f;
+  const uint32_t subnormal = uint32_t(int32_t(q)) + (f >= float(65536u - r) ? 1u : 0u);
+  const uint32_t special = abs > 0x7f800000u ? (0x7e00u | ((abs >> 13) & 0x3ffu)) : 0x7c00u;
+  const uint32_t out = abs >= 0x47800000u ? special : (abs < 0x38800000u ? subnormal : normal);
+  return uint16_t(sign | out);
+}
+
+// The stored variable for a float32 value w: to nearest (even, as store() does) or
+// stochastically with random bits r.
+template <bool Stochastic>
+FASTSGD_HD void store_rounded(bfloat16_t& dst, float w, uint32_t r) {
+  if constexpr (Stochastic) dst.bits = bf16_round_bits(bits::float_bits(w), r);
+  else store(dst, w);
+}
+template <bool Stochastic>
+FASTSGD_HD void store_rounded(half_t& dst, float w, uint32_t r) {
+  if constexpr (Stochastic) dst.bits = half_round_stochastic(w, r);
+  else store(dst, w);
+}
+
+// Remainders: a bfloat16 variable v and a 16-bit remainder lo hold the float32 master with bits
+// u = hi << 16 | lo exactly, where v = bf16_round_bits(u, r) = hi + up, up = (lo + r >= 2^16).
+// r is 0x8000 (to nearest, ties away: round to nearest even could not be undone) or, with
+// stochastic rounding, random16_salted(stream, i, lo) of a step-independent stream, which the
+// next step regenerates from lo. Join: hi = v - up; a NaN master stays NaN (v - up keeps an
+// all-ones exponent and a nonzero mantissa), Inf has lo = 0 and joins exactly.
+template <bool Stochastic>
+FASTSGD_HD uint32_t remainder_bits(uint32_t lo, uint64_t stream, int64_t i) {
+  if constexpr (Stochastic) return random16_salted(stream, i, lo);
+  else return 0x8000u;
+}
+
+// (v, lo) -> the float32 master
+template <bool Stochastic>
+FASTSGD_HD float remainder_join(bfloat16_t v, uint16_t lo, uint64_t stream, int64_t i) {
+  const uint32_t up = (uint32_t(lo) + remainder_bits<Stochastic>(lo, stream, i)) >> 16;
+  return bits::bits_float((uint32_t(uint16_t(v.bits - up)) << 16) | lo);
+}
+
+// the float32 master w -> (v, lo)
+template <bool Stochastic>
+FASTSGD_HD void remainder_split(float w, bfloat16_t& v, uint16_t& lo, uint64_t stream, int64_t i) {
+  const uint32_t u = bits::float_bits(w);
+  lo = uint16_t(u & 0xffffu);
+  v.bits = bf16_round_bits(u, remainder_bits<Stochastic>(lo, stream, i));
+}
 
 }  // namespace math
 }  // namespace FASTSGD_ISA_NS

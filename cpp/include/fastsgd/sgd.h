@@ -74,6 +74,15 @@ struct Options {
   bool caller_owned_slots = false;
   // A step whose effective gradients hold an Inf or NaN changes nothing (see StepResult).
   bool skip_nonfinite = false;
+  // float16/bfloat16 variables only (others are unaffected): keep the exact value in a float32
+  // master slot, or (bfloat16) in a 16-bit remainder slot beside the variable; the update runs
+  // on the master and stores the rounded variable in the same pass. Not with use_ema.
+  std::optional<MasterForm> master_weights;
+  // float16/bfloat16 variables only: update passes round the stored variable stochastically,
+  // with random bits from (seed, step, variable index, element index): the same bits on every
+  // ISA level, thread count and device, and after a resume.
+  bool stochastic_rounding = false;
+  uint64_t seed = 0;
 
   // Every field once, for bindings and serialisers: f(name, member pointer, description).
   template <class F>
@@ -91,6 +100,9 @@ struct Options {
     f("slots_in_variable_dtype", &Options::slots_in_variable_dtype, "16-bit variables keep 16-bit slots");
     f("caller_owned_slots", &Options::caller_owned_slots, "every step passes the slots; the engine owns none");
     f("skip_nonfinite", &Options::skip_nonfinite, "a step with Inf/NaN gradients changes nothing");
+    f("master_weights", &Options::master_weights, "MasterForm.float32, MasterForm.remainder or None (16-bit variables)");
+    f("stochastic_rounding", &Options::stochastic_rounding, "round stored 16-bit variables stochastically");
+    f("seed", &Options::seed, "key of the stochastic rounding stream");
   }
 };
 
@@ -98,11 +110,20 @@ struct Options {
 void validate(const Options& options);
 void validate(const Group& group, Convention convention);
 
-enum class SlotKind : int32_t { momentum = 0, average = 1, accumulator = 2 };
-constexpr int kNumSlotKinds = 3;
+// master: float32 copy of a 16-bit variable; remainder: the low 16 bits of a bfloat16 variable's
+// float32 master, held in a 16-bit (bfloat16-typed) buffer as raw bits.
+enum class SlotKind : int32_t { momentum = 0, average = 1, accumulator = 2, master = 3, remainder = 4 };
+constexpr int kNumSlotKinds = 5;
 
 inline const char* slot_kind_name(SlotKind k) {
-  return k == SlotKind::momentum ? "momentum" : (k == SlotKind::average ? "average" : "accumulator");
+  switch (k) {
+    case SlotKind::momentum: return "momentum";
+    case SlotKind::average: return "average";
+    case SlotKind::accumulator: return "accumulator";
+    case SlotKind::master: return "master";
+    case SlotKind::remainder: return "remainder";
+  }
+  return "unknown";
 }
 
 // Everything one step reads. Arrays hold num_variables() entries in build order.
@@ -111,7 +132,7 @@ struct StepRequest {
   const TensorView* grads = nullptr;      // data == nullptr: no gradient for that variable
   // Caller-owned slots (Options::caller_owned_slots), one array per SlotKind; an entry with
   // data == nullptr is a slot the step does not need.
-  const TensorView* slots[kNumSlotKinds] = {nullptr, nullptr, nullptr};
+  const TensorView* slots[kNumSlotKinds] = {};
   // torch convention, caller-owned slots: nonzero where the momentum slot starts this step.
   const uint8_t* fresh_momentum = nullptr;
   // Unset: each group's own learning rate; set: the rate of every group for this step.
@@ -176,7 +197,8 @@ class SGD {
   size_t num_groups() const { return groups_.size(); }
 
   // Declares the variables (in order) and allocates their slots, zero-filled, on their device
-  // (none with caller-owned slots). `decays[i] == false` excludes variable i from weight decay,
+  // (none with caller-owned slots); a float32 master starts as a copy of its variable, a
+  // remainder as zeros (the variable is then its master exactly). `decays[i] == false` excludes variable i from weight decay,
   // `groups[i]` is its group (empty: all decay, all in group 0).
   void build(const std::vector<TensorView>& variables, const std::vector<bool>& decays = {},
              const std::vector<size_t>& groups = {});
@@ -210,6 +232,9 @@ class SGD {
   void set_raw_iterations(int64_t value);
   int64_t skipped_steps() const { return skipped_steps_; }
   void set_skipped_steps(int64_t value);
+  // The stochastic rounding seed (Options::seed), part of the state a checkpoint restores.
+  uint64_t seed() const { return options_.seed; }
+  void set_seed(uint64_t seed) { options_.seed = seed; }
 
   // Engine-owned slot buffers for state export / import and EMA finalisation; an empty view
   // if absent.
@@ -242,6 +267,7 @@ class SGD {
   void plan_step(const StepRequest& r, bool update_call, bool touches_all);
   void apply_streams(const StepRequest& r);
   bool wants_slot(SlotKind kind, size_t i) const;
+  DType slot_dtype(SlotKind kind, size_t i) const;
 
   Options options_;
   std::vector<Group> groups_;

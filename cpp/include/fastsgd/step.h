@@ -26,6 +26,12 @@ enum class Convention : int32_t { keras = 0, torch = 1 };
 // How weight decay enters: decoupled (w *= 1 - wd*lr, Keras) or L2 (g += wd*w, torch).
 enum class DecayForm : int32_t { decoupled = 0, l2 = 1 };
 
+// Where the exact value of a float16/bfloat16 variable lives between steps (Options::master_weights):
+//   float32    a float32 master slot; the variable is its rounded copy
+//   remainder  (bfloat16 only) a 16-bit slot with the low half of the float32 master's bits; the
+//              variable holds the high half (rounded), and the pair is the master exactly
+enum class MasterForm : int32_t { float32 = 0, remainder = 1 };
+
 // Step-wide scalars: the same for every tensor of a call.
 struct StepScalars {
   double grad_scale = 1.0;      // 1 / loss_scale_factor, times the call's own unscale factor
@@ -48,6 +54,8 @@ struct TensorScalars {
   bool decay_l2 = false;        // DecayForm::l2
   bool maximize = false;        // g = -g before decay and momentum
   bool fresh_momentum = false;  // torch convention: the momentum slot starts now (b = g)
+  // Stochastic rounding: the key of this tensor's random stream (math::random_stream).
+  uint64_t random_stream = 0;
 };
 
 }  // namespace fastsgd
