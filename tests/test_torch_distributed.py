@@ -7,6 +7,8 @@ One spawn runs every scenario (process start and `import torch` dominate the cos
 then checks its scenario's results against a single-process run computed here."""
 
 import os
+import sys
+from pathlib import Path
 import socket
 import tempfile
 import time
@@ -201,20 +203,35 @@ def free_port():
 def ranks():
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(worker, args=(free_port(), out_dir), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            while not ctx.join(timeout=1):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"2-process run did not finish within {TIMEOUT_S} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
-        yield [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    # Spawned children import this module by name, with the parent's sys.path: give it the
+    # folder above tests/ even when pytest runs from elsewhere (CI tests the installed wheel
+    # from outside the checkout, with --import-mode=importlib).
+    root = str(Path(__file__).resolve().parents[1])
+    added = root not in sys.path
+    if added:
+        sys.path.insert(0, root)
+    try:
+        with tempfile.TemporaryDirectory() as out_dir:
+            yield from _run_ranks(mp, out_dir)
+    finally:
+        if added:
+            sys.path.remove(root)
+
+
+def _run_ranks(mp, out_dir):
+    """Runs the 2 ranks, bounded in time; yields what each wrote."""
+    ctx = mp.start_processes(worker, args=(free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"2-process run did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    yield [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
 def result(ranks, name):
