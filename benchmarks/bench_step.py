@@ -562,54 +562,22 @@ def write_markdown(path: str, doc: dict) -> None:
 def write_plot(path: str, doc: dict) -> bool:
     """Ratio to the C loop per workload and peer (one panel per config): each peer's best thread
     count over the C loop's best."""
-    try:
-        import matplotlib
+    from fastsgd._bench import plot_ratio_panels
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        return False
     recs = doc["results"]
     configs = [c for c in doc["settings"]["configs"] if any(r["config"] == c for r in recs)]
     wls = [w for w in doc["settings"]["workloads"] if any(r["workload"] == w for r in recs)]
     names = [p for p in ["fastsgd", "fastsgd[torch]", "torch for-loop", "torch foreach", "torch fused", "keras",
                          "numpy", "optax"] if any(r["peer"] == p for r in recs)]
-    cols = min(3, len(configs))
-    rows = math.ceil(len(configs) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False, sharey=True)
-    colors = plt.get_cmap("tab10")
-    width = 0.8 / max(1, len(names))
-    for k, cfg in enumerate(configs):
-        ax = axes[k // cols][k % cols]
-        for j, p in enumerate(names):
-            ys = []
-            for w in wls:
-                case = [x for x in recs if x["workload"] == w and x["config"] == cfg]
-                mine = [x["median_s"] for x in case if x["peer"] == p]
-                ref = [x["median_s"] for x in case if x["peer"] == "C loop"]
-                ys.append(min(mine) / min(ref) if mine and ref else np.nan)
-            ax.bar(np.arange(len(wls)) + (j - (len(names) - 1) / 2) * width, ys, width, label=p, color=colors(j))
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_yscale("log")
-        ax.set_title(cfg, fontsize=9)
-        ax.set_xticks(np.arange(len(wls)))
-        ax.set_xticklabels(wls, fontsize=7, rotation=20)
-        ax.tick_params(axis="y", labelsize=7)
-        if k % cols == 0:
-            ax.set_ylabel("time / C loop (log)", fontsize=8)
-    for k in range(len(configs), rows * cols):
-        axes[k // cols][k % cols].axis("off")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=7, frameon=False)
-    fig.suptitle("Seconds per step ÷ the one-pass C loop (each at its best thread count; lower is better)",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    fig.savefig(path, dpi=70)
-    plt.close(fig)
-    return True
 
+    def ratio(cfg: str, w: str, p: str) -> float:
+        case = [x for x in recs if x["workload"] == w and x["config"] == cfg]
+        mine = [x["median_s"] for x in case if x["peer"] == p]
+        ref = [x["median_s"] for x in case if x["peer"] == "C loop"]
+        return min(mine) / min(ref) if mine and ref else float("nan")
 
-# ---- main ---------------------------------------------------------------------------------------
+    return plot_ratio_panels(path, configs, wls, names, ratio, "C loop",
+                             "Seconds per step ÷ the one-pass C loop (each at its best thread count; lower is better)")
 
 
 def parse_list(value: Optional[str], known: list, what: str) -> list:

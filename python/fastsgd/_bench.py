@@ -211,10 +211,12 @@ def run(quick: bool = True, rounds: Optional[int] = None, budget_s: Optional[flo
     return rows
 
 
-def write_plot(path: str, rows: list) -> bool:
-    """The benchmark suite's plot of ``rows`` (from :func:`run`) written to ``path``: one panel
-    per config, one bar per peer and workload, seconds per step over NumPy's on a log scale.
-    Returns False, writing nothing, when matplotlib is not installed."""
+def plot_ratio_panels(path: str, configs: list, workloads: list, peers: list,
+                      ratio: Callable[[str, str, str], float], reference: str, title: str) -> bool:
+    """One panel per config, one bar per peer and workload: ``ratio(config, workload, peer)``
+    (seconds per step over the reference's) on a log scale, written to ``path``. Shared by
+    ``python -m fastsgd bench`` and benchmarks/bench_step.py. Returns False, writing nothing,
+    when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -222,39 +224,47 @@ def write_plot(path: str, rows: list) -> bool:
         import matplotlib.pyplot as plt
     except Exception:
         return False
-    configs = list(dict.fromkeys(r["config"] for r in rows))
-    wls = list(dict.fromkeys(r["workload"] for r in rows))
-    names = [p for p in PEERS if any(r.get(p) is not None for r in rows)]
     cols = min(3, len(configs))
     n_rows = math.ceil(len(configs) / cols)
     fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 2.9 * n_rows), squeeze=False, sharey=True)
     colors = plt.get_cmap("tab10")
-    width = 0.8 / max(1, len(names))
+    width = 0.8 / max(1, len(peers))
     for k, cfg in enumerate(configs):
         ax = axes[k // cols][k % cols]
-        for j, p in enumerate(names):
-            ys = []
-            for w in wls:
-                case = [r for r in rows if r["workload"] == w and r["config"] == cfg]
-                ys.append(case[0][p] / case[0][REFERENCE] if case and case[0].get(p) else np.nan)
-            ax.bar(np.arange(len(wls)) + (j - (len(names) - 1) / 2) * width, ys, width, label=p, color=colors(j))
+        for j, p in enumerate(peers):
+            ys = [ratio(cfg, w, p) for w in workloads]
+            ax.bar(np.arange(len(workloads)) + (j - (len(peers) - 1) / 2) * width, ys, width, label=p,
+                   color=colors(j))
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
         ax.set_title(cfg, fontsize=9)
-        ax.set_xticks(np.arange(len(wls)))
-        ax.set_xticklabels(wls, fontsize=7, rotation=20)
+        ax.set_xticks(np.arange(len(workloads)))
+        ax.set_xticklabels(workloads, fontsize=7, rotation=20)
         ax.tick_params(axis="y", labelsize=7)
         if k % cols == 0:
-            ax.set_ylabel("time / NumPy (log)", fontsize=8)
+            ax.set_ylabel(f"time / {reference} (log)", fontsize=8)
     for k in range(len(configs), n_rows * cols):
         axes[k // cols][k % cols].axis("off")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=7, frameon=False)
-    fig.suptitle("Seconds per step ÷ naive NumPy's (lower is better)", fontsize=10)
+    fig.legend(handles, labels, loc="lower center", ncol=len(peers), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
     fig.savefig(path, dpi=70)
     plt.close(fig)
     return True
+
+
+def write_plot(path: str, rows: list) -> bool:
+    """The benchmark suite's plot of ``rows`` (from :func:`run`) written to ``path``: seconds per
+    step over NumPy's. Returns False, writing nothing, when matplotlib is not installed."""
+    def ratio(cfg: str, w: str, p: str) -> float:
+        case = [r for r in rows if r["workload"] == w and r["config"] == cfg]
+        return case[0][p] / case[0][REFERENCE] if case and case[0].get(p) else float("nan")
+
+    return plot_ratio_panels(path, list(dict.fromkeys(r["config"] for r in rows)),
+                             list(dict.fromkeys(r["workload"] for r in rows)),
+                             [p for p in PEERS if any(r.get(p) is not None for r in rows)], ratio, "NumPy",
+                             "Seconds per step ÷ naive NumPy's (lower is better)")
 
 
 def main(quick: bool = True, plot: Optional[str] = "fastsgd_bench.png") -> int:
