@@ -102,11 +102,12 @@ class CpuBackend final : public detail::Backend {
     return p;
   }
   void release(void* p) noexcept override { std::free(p); }
+  // Empty tensors may come with null pointers, which memcpy must never see.
   void copy_to_host(void* dst, const void* src, int64_t bytes) override {
-    std::memcpy(dst, src, size_t(bytes));
+    if (bytes > 0) std::memcpy(dst, src, size_t(bytes));
   }
   void copy_from_host(void* dst, const void* src, int64_t bytes) override {
-    std::memcpy(dst, src, size_t(bytes));
+    if (bytes > 0) std::memcpy(dst, src, size_t(bytes));
   }
 
   void measure(detail::StepPlan& plan) override {
