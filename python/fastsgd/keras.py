@@ -255,9 +255,7 @@ class SGD(keras.optimizers.SGD):
         if raw != native.raw_iterations:  # loaded, set_weights, or assigned by the user
             engine.raw_iterations = raw
             native.raw_iterations = raw
-        steps = self.gradient_accumulation_steps
-        due = not steps or (raw + 1) % steps == 0
-        lr = _scalar(self._get_current_learning_rate()) if due else None
+        lr = _scalar(self._get_current_learning_rate()) if engine.update_is_due else None
         stream = None
         if native.cuda_device is not None:
             import torch
