@@ -25,7 +25,9 @@
 #include <vector>
 
 #include "check.h"
+#include "cpu/kernels.h"
 #include "fastsgd/fastsgd.h"
+#include "fastsgd/math.h"
 #include "reference.h"
 
 using namespace fastsgd;
@@ -377,7 +379,7 @@ std::vector<LowpScenario> lowp_scenarios() {
   std::vector<LowpScenario> list;
   for (int form = 0; form < 3; ++form)
     for (int sr = 0; sr < 2; ++sr)
-      for (int rule = 0; rule < 3; ++rule) {
+      for (int rule = 0; rule < 4; ++rule) {
         if (form == 0 && !sr) continue;
         LowpScenario sc;
         Options& o = sc.options;
@@ -393,16 +395,19 @@ std::vector<LowpScenario> lowp_scenarios() {
           o.group.momentum = 0.8;
           o.group.nesterov = true;
           o.group.weight_decay = 0.02;
-        } else {
+        } else if (rule == 2) {
           o.gradient_accumulation_steps = 2;
           o.clipvalue = 0.5;
+        } else {
+          o.group.momentum = 0.9;  // no decay, no gradient transform: the bare kernels
+          o.group.nesterov = true;
         }
-        static const char* names[3][2][3] = {
-            {{"", "", ""}, {"sr keras", "sr torch", "sr accumulate2"}},
-            {{"master keras", "master torch", "master accumulate2"},
-             {"master+sr keras", "master+sr torch", "master+sr accumulate2"}},
-            {{"remainder keras", "remainder torch", "remainder accumulate2"},
-             {"remainder+sr keras", "remainder+sr torch", "remainder+sr accumulate2"}}};
+        static const char* names[3][2][4] = {
+            {{"", "", "", ""}, {"sr keras", "sr torch", "sr accumulate2", "sr bare"}},
+            {{"master keras", "master torch", "master accumulate2", "master bare"},
+             {"master+sr keras", "master+sr torch", "master+sr accumulate2", "master+sr bare"}},
+            {{"remainder keras", "remainder torch", "remainder accumulate2", "remainder bare"},
+             {"remainder+sr keras", "remainder+sr torch", "remainder+sr accumulate2", "remainder+sr bare"}}};
         sc.name = names[form][sr][rule];
         list.push_back(sc);
       }
@@ -468,7 +473,7 @@ void run_lowp_case(const LowpScenario& sc, int count, int mis, std::mt19937& rng
           if (!CHECK_MSG(lo == (u & 0xffffu), "[%s] lowp %s count=%d mis=%d step=%d: remainder[%d][%d] = %04x, "
                          "float32 run %08x", g_level.c_str(), where, count, mis, step, i, e, lo, u))
             return;
-          expect.bits = math::bf16_round_bits(u, o.stochastic_rounding ? math::random16_salted(stream, e, lo) : 0x8000u);
+          expect.bits = math::bf16_round_bits(u, o.stochastic_rounding ? math::random16_salted(math::segment_key(stream, e), uint32_t(e), lo) : 0x8000u);
         } else {
           if (master && !CHECK_MSG(bits::float_bits(static_cast<const float*>(slot.data)[e]) == u,
                                    "[%s] lowp %s count=%d mis=%d step=%d: master[%d][%d] differs from the float32 run",
@@ -477,7 +482,7 @@ void run_lowp_case(const LowpScenario& sc, int count, int mis, std::mt19937& rng
           // An accumulation call (window 2, even raw step) writes no variable.
           const bool wrote = !o.gradient_accumulation_steps || raw % 2 == 1;
           if (!wrote) expect = wv[e];
-          else if (o.stochastic_rounding) math::store_rounded<true>(expect, x, math::random16(stream, e));
+          else if (o.stochastic_rounding) math::store_rounded<true>(expect, x, math::random16(math::segment_key(stream, e), uint32_t(e)));
           else store(expect, x);
         }
         if (!CHECK_MSG(ref::same(wv[e], expect), "[%s] lowp %s W=%s count=%d mis=%d step=%d: variable[%d][%d] = %.9g, "
@@ -499,6 +504,80 @@ void sweep_lowp(const std::vector<LowpScenario>& list) {
       for (int mis : kMisalign) run_lowp_case<W>(sc, count, mis, rng);
   }
   std::printf("  lowp W=%-8s %s\n", ref::type_name<W>(), check::failures() == before ? "ok" : "FAILED");
+}
+
+// Random bits across a 2^32-element segment boundary (math::segment_key): the walk keys each
+// segment anew. Runs the level's kernel directly on elements [2^32 - 40, 2^32 + 40) of a
+// variable whose buffers hold only those 80 elements (the pointers are based so that only
+// they are touched), for each stochastic form, against math.h element by element.
+const cpu::KernelSet& level_kernels(const std::string& active) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (active == "x86-64-v4") return cpu::kernels_x86_64_v4();
+  if (active == "x86-64-v3") return cpu::kernels_x86_64_v3();
+  return cpu::kernels_x86_64();
+#elif defined(__aarch64__)
+  (void)active;
+  return cpu::kernels_neon();
+#else
+  (void)active;
+  return cpu::kernels_generic();
+#endif
+}
+
+void check_segment_boundary(const cpu::KernelSet& kernels) {
+  constexpr int64_t kFirst = (int64_t(1) << 32) - 40;
+  constexpr int kCount = 80;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int before = check::failures();
+  for (int form = 0; form < 3; ++form) {
+    std::vector<bfloat16_t> w(kCount), g(kCount), expect(kCount);
+    std::vector<float> master(kCount);
+    std::vector<uint16_t> rem(kCount);
+    for (int e = 0; e < kCount; ++e) {
+      master[size_t(e)] = normal(rng);
+      w[size_t(e)] = to_bfloat16(master[size_t(e)]);
+      rem[size_t(e)] = uint16_t(bits::float_bits(master[size_t(e)]) & 0xffffu);
+      g[size_t(e)] = to_bfloat16(normal(rng));
+    }
+    if (form == 2)  // a consistent (variable, remainder) pair: the variable is the high half rounded
+      for (int e = 0; e < kCount; ++e) {
+        const uint32_t key = math::segment_key(0x1234, kFirst + e);
+        w[size_t(e)].bits = math::bf16_round_bits(bits::float_bits(master[size_t(e)]),
+                                                  math::random16_salted(key, uint32_t(kFirst + e), rem[size_t(e)]));
+      }
+    detail::PassTask t;
+    t.var_dtype = DType::bfloat16;
+    t.numel = kFirst + kCount;
+    t.w = w.data() - kFirst;
+    t.g = g.data() - kFirst;
+    t.form = form == 0 ? detail::VarForm::plain : (form == 1 ? detail::VarForm::master : detail::VarForm::remainder);
+    t.master = form == 1 ? static_cast<void*>(master.data() - kFirst)
+                         : (form == 2 ? static_cast<void*>(rem.data() - kFirst) : nullptr);
+    t.stochastic = true;
+    t.ts.learning_rate = 0.25;
+    t.ts.random_stream = 0x1234;
+    StepScalars scalars;
+    detail::PassFeatures features;
+    features.grad_transforms = false;
+    for (int e = 0; e < kCount; ++e) {
+      const int64_t i = kFirst + e;
+      const uint32_t key = math::segment_key(t.ts.random_stream, i);
+      const float x = form == 2 ? math::remainder_join<true>(w[size_t(e)], rem[size_t(e)], key, uint32_t(i))
+                                : (form == 1 ? master[size_t(e)] : to_float(w[size_t(e)]));
+      const float updated = x - 0.25f * to_float(g[size_t(e)]);
+      const uint32_t u = bits::float_bits(updated);
+      const uint32_t r = form == 2 ? math::random16_salted(key, uint32_t(i), u & 0xffffu) : math::random16(key, uint32_t(i));
+      expect[size_t(e)].bits = math::bf16_round_bits(u, r);
+    }
+    kernels.select_pass(t, features)(t, scalars, kFirst, kFirst + kCount);
+    for (int e = 0; e < kCount; ++e)
+      if (!CHECK_MSG(w[size_t(e)].bits == expect[size_t(e)].bits,
+                     "[%s] segment boundary form=%d element 2^32%+d: %04x, expected %04x", g_level.c_str(), form,
+                     e - 40, w[size_t(e)].bits, expect[size_t(e)].bits))
+        break;
+  }
+  std::printf("  lowp segment boundary %s\n", check::failures() == before ? "ok" : "FAILED");
 }
 
 }  // namespace
@@ -533,5 +612,6 @@ int main(int argc, char** argv) {
   const std::vector<LowpScenario> lowp = lowp_scenarios();
   sweep_lowp<bfloat16_t>(lowp);
   sweep_lowp<half_t>(lowp);
+  check_segment_boundary(level_kernels(info.active));
   return check::finish(("test_walk " + level).c_str());
 }

@@ -56,6 +56,36 @@ FASTSGD_HD float bits_float(uint32_t u) {
 #endif
 }
 
+FASTSGD_HD uint64_t double_bits(double d) {
+#if defined(__CUDA_ARCH__)
+  return uint64_t(__double_as_longlong(d));
+#else
+  uint64_t u;
+  std::memcpy(&u, &d, 8);
+  return u;
+#endif
+}
+
+FASTSGD_HD double bits_double(uint64_t u) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double((long long)u);
+#else
+  double d;
+  std::memcpy(&d, &u, 8);
+  return d;
+#endif
+}
+
+// The unsigned integer of a compute type's width, and conversions to and from its bits.
+template <class C> struct word;
+template <> struct word<float> { using type = uint32_t; };
+template <> struct word<double> { using type = uint64_t; };
+FASTSGD_HD uint32_t to_word(float f) { return float_bits(f); }
+FASTSGD_HD uint64_t to_word(double d) { return double_bits(d); }
+template <class C> FASTSGD_HD C from_word(typename word<C>::type u);
+template <> FASTSGD_HD float from_word<float>(uint32_t u) { return bits_float(u); }
+template <> FASTSGD_HD double from_word<double>(uint64_t u) { return bits_double(u); }
+
 }  // namespace bits
 
 FASTSGD_HD float to_float(bfloat16_t v) { return bits::bits_float(uint32_t(v.bits) << 16); }

@@ -51,7 +51,18 @@ struct Coeffs {
   C lr, neg_lr, momentum, damp_take, wd, grad_scale, window, clip_mul, clip_div, clip_lo, clip_hi;
   C decay_factor, ema_keep, ema_take;
   bool decay_l2, maximize, fresh_momentum, ema_overwrite;
+  // Invariant choices as bit masks (see pick): the sign bit when maximizing, else 0; all ones
+  // for L2 decay, on a torch momentum slot's first step, and on an EMA overwrite step, else 0.
+  typename bits::word<C>::type sign_flip, l2_mask, fresh_mask, overwrite_mask;
 };
+
+// a where mask is all ones, b where it is 0, chosen bit by bit. Per-element choices that hang
+// on a per-tensor bool are written this way: GCC vectorises a select on a bool loaded from
+// memory only when it unswitches the loop, which it stops doing as loops grow.
+template <class C>
+FASTSGD_HD C pick(typename bits::word<C>::type mask, C a, C b) {
+  return bits::from_word<C>((bits::to_word(a) & mask) | (bits::to_word(b) & ~mask));
+}
 
 template <class C>
 FASTSGD_HD Coeffs<C> make_coeffs(const StepScalars& s, const TensorScalars& t) {
@@ -73,6 +84,11 @@ FASTSGD_HD Coeffs<C> make_coeffs(const StepScalars& s, const TensorScalars& t) {
   k.decay_factor = t.weight_decay != 0 ? C(1) - k.wd * k.lr : C(1);
   k.decay_l2 = t.decay_l2;
   k.maximize = t.maximize;
+  using Word = typename bits::word<C>::type;
+  k.sign_flip = t.maximize ? bits::to_word(C(-0.0)) : Word(0);
+  k.l2_mask = t.decay_l2 ? ~Word(0) : Word(0);
+  k.fresh_mask = t.fresh_momentum ? ~Word(0) : Word(0);
+  k.overwrite_mask = s.ema_overwrite ? ~Word(0) : Word(0);
   k.fresh_momentum = t.fresh_momentum;
   k.ema_keep = C(s.ema_keep);
   k.ema_take = C(1) - k.ema_keep;
@@ -102,7 +118,11 @@ template <class C> FASTSGD_HD C clip_by_value(C g, const Coeffs<C>& k) {
 }
 
 // -g when maximizing (exact), else g
-template <class C> FASTSGD_HD C maximize(C g, const Coeffs<C>& k) { return k.maximize ? -g : g; }
+// (An xor of the sign bit, exactly what negation does: a select on the bool would stop GCC's
+// vectoriser wherever it does not unswitch the loop.)
+template <class C> FASTSGD_HD C maximize(C g, const Coeffs<C>& k) {
+  return bits::from_word<C>(bits::to_word(g) ^ k.sign_flip);
+}
 
 // decoupled weight decay: w * (1 - wd * lr)
 template <class C> FASTSGD_HD C weight_decay(C w, const Coeffs<C>& k) { return w * k.decay_factor; }
@@ -125,7 +145,7 @@ template <class C> FASTSGD_HD C nesterov_step(C w, C g, C m, const Coeffs<C>& k)
 
 // torch momentum buffer: g on its first step, else (1 - dampening) * g + momentum * b
 template <class C> FASTSGD_HD C torch_buffer(C b, C g, const Coeffs<C>& k) {
-  return k.fresh_momentum ? g : fma(g, k.damp_take, b * k.momentum);
+  return pick(k.fresh_mask, g, fma(g, k.damp_take, b * k.momentum));
 }
 
 // torch Nesterov direction: g + momentum * b, with b already updated
@@ -191,8 +211,15 @@ FASTSGD_HD void update(C& w, C g, C& m, C& acc, C& avg, const Coeffs<C>& k) {
   if constexpr (GradTransforms) g = clip_by_value(g, k);
   g = maximize(g, k);
   if constexpr (Decay) {
+#if defined(__CUDA_ARCH__) || defined(__FMA__) || defined(__aarch64__)
+    const C decayed = weight_decay(w, k);
+    g = pick(k.l2_mask, l2_decay(g, w, k), g);
+    w = pick(k.l2_mask, w, decayed);
+#else
+    // Without a hardware fma, computing both forms would call libm's fma on every element.
     if (k.decay_l2) g = l2_decay(g, w, k);
     else w = weight_decay(w, k);
+#endif
   }
   if constexpr (R == Convention::keras) {
     if constexpr (MK == MomentumKind::none) {
@@ -211,7 +238,7 @@ FASTSGD_HD void update(C& w, C g, C& m, C& acc, C& avg, const Coeffs<C>& k) {
   }
   if constexpr (Ema) {
     avg = ema(avg, w, k);
-    w = k.ema_overwrite ? avg : w;
+    w = pick(k.overwrite_mask, avg, w);
   }
 }
 
@@ -221,7 +248,7 @@ FASTSGD_HD void accumulate_only(C& w, C g, C& acc, C& avg, const Coeffs<C>& k) {
   acc = accumulate(acc, unscale(g, k));
   if constexpr (Ema) {
     avg = ema(avg, w, k);
-    w = k.ema_overwrite ? avg : w;
+    w = pick(k.overwrite_mask, avg, w);
   }
 }
 
@@ -229,7 +256,7 @@ FASTSGD_HD void accumulate_only(C& w, C g, C& acc, C& avg, const Coeffs<C>& k) {
 template <class C>
 FASTSGD_HD void ema_only(C& w, C& avg, const Coeffs<C>& k) {
   avg = ema(avg, w, k);
-  w = k.ema_overwrite ? avg : w;
+  w = pick(k.overwrite_mask, avg, w);
 }
 
 // finalize_variable_values: the variable takes its average.
@@ -267,19 +294,21 @@ FASTSGD_HD uint64_t random_stream(uint64_t seed, uint64_t step, uint64_t tensor)
 // bits of an earlier step from what the slots hold).
 constexpr uint64_t kStepless = ~0ull;
 
-// 16 random bits for element i of a stream: the high half of mix32(key + i), the key being the
-// stream's low word xor its high word, and the index's high word folded in (tensors >= 2^32).
-FASTSGD_HD uint32_t random16(uint64_t stream, int64_t i) {
-  const uint64_t u = uint64_t(i);
-  const uint32_t key = uint32_t(stream) ^ uint32_t(stream >> 32);
-  return mix32(key + uint32_t(u) + uint32_t(u >> 32) * 0x9e3779b9u) >> 16;
+// Element i of a stream draws mix32(segment_key(stream, i) + uint32_t(i)). The segment key is
+// the stream's low word xor its high word, plus the index's high word times 0x9e3779b9: it is
+// the same for 2^32 consecutive elements, so a walk computes it once per segment and counts in
+// 32 bits, which every vector unit does natively.
+FASTSGD_HD uint32_t segment_key(uint64_t stream, int64_t i) {
+  return (uint32_t(stream) ^ uint32_t(stream >> 32)) + uint32_t(uint64_t(i) >> 32) * 0x9e3779b9u;
 }
 
-// As random16, further keyed by `salt` (a remainder's 16 bits): mix32(mix32(key + i) ^ salt).
-FASTSGD_HD uint32_t random16_salted(uint64_t stream, int64_t i, uint32_t salt) {
-  const uint64_t u = uint64_t(i);
-  const uint32_t key = uint32_t(stream) ^ uint32_t(stream >> 32);
-  return mix32(mix32(key + uint32_t(u) + uint32_t(u >> 32) * 0x9e3779b9u) ^ salt) >> 16;
+// 16 random bits for element j (low 32 bits of its index) of a segment: the high half of
+// mix32(key + j).
+FASTSGD_HD uint32_t random16(uint32_t key, uint32_t j) { return mix32(key + j) >> 16; }
+
+// As random16, further keyed by `salt` (a remainder's 16 bits): mix32(mix32(key + j) ^ salt).
+FASTSGD_HD uint32_t random16_salted(uint32_t key, uint32_t j, uint32_t salt) {
+  return mix32(mix32(key + j) ^ salt) >> 16;
 }
 
 // float32 bits u -> bfloat16 bits (u + r) >> 16: the high half, plus one in magnitude when the
@@ -287,26 +316,34 @@ FASTSGD_HD uint32_t random16_salted(uint64_t stream, int64_t i, uint32_t salt) {
 // r uniform in [0, 2^16) rounds stochastically, up with probability lo / 2^16 exactly, so the
 // expected result is x itself. Carries into the exponent are correct (to infinity past the
 // largest bfloat16); Inf has lo = 0 and stays; NaN stays a quiet NaN.
+// (All in 32-bit lanes, narrowed once: mixed 16/32-bit selects stop GCC's vectoriser.)
 FASTSGD_HD uint16_t bf16_round_bits(uint32_t u, uint32_t r) {
-  const uint16_t nan = uint16_t((u >> 16) | 0x0040u);
-  const uint16_t rounded = uint16_t((u + r) >> 16);
-  return (u & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
+  const uint32_t nan = u | 0x00400000u;
+  return uint16_t(((u & 0x7fffffffu) > 0x7f800000u ? nan : u + r) >> 16);
 }
 
 // float32 -> float16 rounded stochastically with 16 random bits r: P(up) = dropped / ulp.
 // Normal halves drop 13 bits, r >> 3 is 13 uniform bits added below the kept ones: exact
-// probability. Subnormal halves (|x| < 2^-14, ulp 2^-24): t = |x| * 2^24 (exact), q = floor(t),
-// f = t - q (exact), up when f * 2^16 >= 2^16 - r: probability floor(f * 2^16) / 2^16, within
-// 2^-16 ulp of f. Overflow, Inf and NaN as to_half (a carry past 65504 gives infinity).
+// probability. Subnormal halves (|x| < 2^-14, ulp 2^-24): |x| / 2^-24 = q + f with q an
+// integer and 0 <= f < 1; up when floor(f * 2^16) + r >= 2^16, probability floor(f * 2^16) / 2^16,
+// within 2^-16 ulp of f. Overflow, Inf and NaN as to_half (a carry past 65504 gives infinity).
+// Integer operations only: q and f come from shifting the 24-bit significand right by
+// 126 - exponent, in two clamped steps since that can exceed 31 (C++ shifts stop at 31), and
+// no float operation sits where GCC could sink it into a branch the vectoriser cannot undo.
 FASTSGD_HD uint16_t half_round_stochastic(float x, uint32_t r) {
   const uint32_t u = bits::float_bits(x);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t abs = u & 0x7fffffffu;
   const uint32_t normal = (abs + 0xc8000000u + (r >> 3)) >> 13;
-  const float t = bits::bits_float(abs < 0x38800000u ? abs : 0u) * 16777216.0f;
-  const float q = float(int32_t(t));
-  const float f = (t - q) * 65536.0f;
-  const uint32_t subnormal = uint32_t(int32_t(q)) + (f >= float(65536u - r) ? 1u : 0u);
+  const uint32_t exponent = abs >> 23;
+  const uint32_t shift = exponent <= 118u ? 126u - exponent : 8u;  // >= 14 for subnormal halves
+  const uint32_t first = shift < 31u ? shift : 31u;
+  const uint32_t rest = shift - first < 31u ? shift - first : 31u;
+  const uint32_t significand = (abs & 0x7fffffu) | (exponent != 0u ? 0x800000u : 0u);
+  const uint32_t q = significand >> first;
+  const uint32_t dropped = significand & ((1u << first) - 1u);
+  const uint32_t f16 = ((dropped << 8) >> (first - 8u)) >> rest;  // floor(f * 2^16)
+  const uint32_t subnormal = q + ((f16 + r) >> 16);
   const uint32_t special = abs > 0x7f800000u ? (0x7e00u | ((abs >> 13) & 0x3ffu)) : 0x7c00u;
   const uint32_t out = abs >= 0x47800000u ? special : (abs < 0x38800000u ? subnormal : normal);
   return uint16_t(sign | out);
@@ -328,28 +365,28 @@ FASTSGD_HD void store_rounded(half_t& dst, float w, uint32_t r) {
 // Remainders: a bfloat16 variable v and a 16-bit remainder lo hold the float32 master with bits
 // u = hi << 16 | lo exactly, where v = bf16_round_bits(u, r) = hi + up, up = (lo + r >= 2^16).
 // r is 0x8000 (to nearest, ties away: round to nearest even could not be undone) or, with
-// stochastic rounding, random16_salted(stream, i, lo) of a step-independent stream, which the
+// stochastic rounding, random16_salted(key, j, lo) of a step-independent stream, which the
 // next step regenerates from lo. Join: hi = v - up; a NaN master stays NaN (v - up keeps an
 // all-ones exponent and a nonzero mantissa), Inf has lo = 0 and joins exactly.
 template <bool Stochastic>
-FASTSGD_HD uint32_t remainder_bits(uint32_t lo, uint64_t stream, int64_t i) {
-  if constexpr (Stochastic) return random16_salted(stream, i, lo);
+FASTSGD_HD uint32_t remainder_bits(uint32_t lo, uint32_t key, uint32_t j) {
+  if constexpr (Stochastic) return random16_salted(key, j, lo);
   else return 0x8000u;
 }
 
 // (v, lo) -> the float32 master
 template <bool Stochastic>
-FASTSGD_HD float remainder_join(bfloat16_t v, uint16_t lo, uint64_t stream, int64_t i) {
-  const uint32_t up = (uint32_t(lo) + remainder_bits<Stochastic>(lo, stream, i)) >> 16;
-  return bits::bits_float((uint32_t(uint16_t(v.bits - up)) << 16) | lo);
+FASTSGD_HD float remainder_join(bfloat16_t v, uint16_t lo, uint32_t key, uint32_t j) {
+  const uint32_t up = (uint32_t(lo) + remainder_bits<Stochastic>(lo, key, j)) >> 16;
+  return bits::bits_float(((uint32_t(v.bits) - up) << 16) | lo);
 }
 
 // the float32 master w -> (v, lo)
 template <bool Stochastic>
-FASTSGD_HD void remainder_split(float w, bfloat16_t& v, uint16_t& lo, uint64_t stream, int64_t i) {
+FASTSGD_HD void remainder_split(float w, bfloat16_t& v, uint16_t& lo, uint32_t key, uint32_t j) {
   const uint32_t u = bits::float_bits(w);
   lo = uint16_t(u & 0xffffu);
-  v.bits = bf16_round_bits(u, remainder_bits<Stochastic>(lo, stream, i));
+  v.bits = bf16_round_bits(u, remainder_bits<Stochastic>(lo, key, j));
 }
 
 }  // namespace math
