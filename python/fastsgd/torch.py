@@ -13,6 +13,10 @@ they *are* the buffers the engine updates), every ``torch.optim.lr_scheduler``,
 ``torch.amp.GradScaler`` (fused-optimizer protocol), DDP, ``ZeroRedundancyOptimizer`` and FSDP2
 (DTensor parameters: the local shards are updated in place; global norms take one all-reduce).
 
+bfloat16/float16 parameters can keep a float32 master (``state[p]["master"]``) or the master's
+low half (``state[p]["remainder"]``, torch.uint16) and be stored with stochastic rounding; see
+``SGD``'s ``master_weights``, ``stochastic_rounding`` and ``seed``.
+
 The per-element rule is torch's ``_single_tensor_sgd`` with its roundings, computed by the C++
 engine (cpp/include/fastsgd/math.h, ``Convention.torch``); this module only maps torch's objects
 onto the engine's caller-owned slots. It is imported only when used (``fastsgd`` never imports
