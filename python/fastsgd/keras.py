@@ -24,6 +24,9 @@ from . import _core
 
 __all__ = ["SGD"]
 
+_MASTER_FORMS = ("float32", "remainder")
+_LOWP = ("float16", "bfloat16")
+
 
 def _require_torch_backend() -> None:
     backend = keras.backend.backend()
@@ -79,6 +82,34 @@ class SGD(keras.optimizers.SGD):
     own (this class subclasses ``keras.optimizers.SGD``); results match Keras's SGD within
     float32 rounding. Needs ``KERAS_BACKEND=torch`` (CPU or CUDA tensors).
 
+    Low-precision extras (what Keras lacks; off by default, then nothing above changes), for
+    float16/bfloat16 variables (e.g. under ``keras.config.set_dtype_policy("bfloat16")``;
+    float32 variables are unaffected):
+
+    * ``master_weights="float32"``: one more optimizer variable per 16-bit variable,
+      ``<variable path>_master`` (float32, the variable widened at ``build()``); each step runs
+      the rule above on it in float32 and stores ``w = round(master)`` in the same pass.
+    * ``master_weights="remainder"`` (bfloat16 variables only; float16 ones are refused at
+      ``build()``): ``<variable path>_remainder`` holds the float32 master's low 16 bits, so
+      that ``w`` and the remainder together are the master exactly: ``bits(master) =
+      (bits(w) - up) << 16 | low``, ``up = 1`` when ``w`` was rounded up in magnitude (to
+      nearest: ``low >= 0x8000``). Keras has no 16-bit unsigned variables on the torch
+      backend (``uint16`` is stored as int32), so the remainder is an ``int16`` variable
+      holding the same 16 bits: read it with ``.value.view(torch.uint16)``.
+    * With either master, the momentums and accumulators of 16-bit variables are float32
+      (Keras's SGD keeps them in the variable's dtype); names, order and count are unchanged,
+      and the masters come after them in ``optimizer.variables``, so ``model.save`` /
+      ``keras.models.load_model`` restore them. At the first ``apply`` (``iterations == 0``)
+      the masters are taken from the variables again, so weights set between ``build()``
+      and training are kept.
+    * ``stochastic_rounding=True``: each updated 16-bit variable is stored rounded up or down
+      with probability proportional to its distance (unbiased), with random bits keyed by
+      (``seed``, ``iterations``, variable index, element): identical after a save/load resume.
+      ``seed`` (an int in [0, 2**64)) is part of ``get_config()``.
+
+    Neither combines with ``use_ema``; both need the in-place step (``stateless_apply`` is
+    refused with them) and CPU variables in this version.
+
     Example:
         >>> import os; os.environ["KERAS_BACKEND"] = "torch"
         >>> import keras, fastsgd.keras
@@ -101,9 +132,21 @@ class SGD(keras.optimizers.SGD):
         loss_scale_factor: Optional[float] = None,
         gradient_accumulation_steps: Optional[int] = None,
         name: Optional[str] = None,
+        master_weights: Optional[str] = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         _require_torch_backend()
+        # fastsgd.SGD's checks and wording, before Keras's constructor runs.
+        if master_weights is not None and (not isinstance(master_weights, str) or master_weights not in _MASTER_FORMS):
+            raise ValueError(f"`master_weights` must be None, 'float32' or 'remainder', got {master_weights!r}")
+        if not isinstance(stochastic_rounding, bool):
+            raise TypeError(f"`stochastic_rounding` must be a bool, got {stochastic_rounding!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"`seed` must be an int in [0, 2**64), got {seed!r}")
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"`seed` must be an int in [0, 2**64), got {seed!r}")
         super().__init__(
             learning_rate=learning_rate,
             momentum=momentum,
@@ -120,6 +163,10 @@ class SGD(keras.optimizers.SGD):
             name=name,
             **kwargs,
         )
+        self.master_weights = master_weights
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = seed
+        self._masters: list = []
         # Construction refuses what the engine would refuse, with the engine's wording.
         _core.Engine(self._engine_options(self._signature()))
         self._native = None
@@ -133,12 +180,13 @@ class SGD(keras.optimizers.SGD):
         return (self.momentum, self.nesterov, self.weight_decay, self.clipnorm, self.clipvalue,
                 self.global_clipnorm, self.use_ema, self.ema_momentum, self.ema_overwrite_frequency,
                 self.loss_scale_factor, self.gradient_accumulation_steps,
-                getattr(self, "_exclusions_version", 0))
+                getattr(self, "_exclusions_version", 0), self.master_weights, self.stochastic_rounding, self.seed)
 
     @staticmethod
     def _engine_options(signature: tuple) -> Any:
         (momentum, nesterov, weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
-         ema_overwrite_frequency, loss_scale_factor, accumulation, _) = signature
+         ema_overwrite_frequency, loss_scale_factor, accumulation, _, master_weights, stochastic_rounding,
+         seed) = signature
 
         # Keras's own values pass through: the engine reads None / 0 / negative clips as off,
         # None as no loss scale or accumulation, with Keras's rules and wording.
@@ -157,6 +205,11 @@ class SGD(keras.optimizers.SGD):
         options.gradient_accumulation_steps = accumulation or None
         options.slots_in_variable_dtype = True  # Keras's slots take the variable's dtype
         options.caller_owned_slots = True       # the slots are the Keras variables below
+        if master_weights is not None:
+            options.master_weights = getattr(_core.MasterForm, master_weights)
+            options.slots_in_variable_dtype = False  # a float32 master comes with float32 slots
+        options.stochastic_rounding = bool(stochastic_rounding)
+        options.seed = seed
         return options
 
     def _native_state(self) -> _Native:
@@ -176,6 +229,15 @@ class SGD(keras.optimizers.SGD):
             slots[_core.SlotKind.accumulator] = [v.value for v in self._accumulated_gradients]
         if self.momentum != 0:
             slots[_core.SlotKind.momentum] = [v.value for v in self.momentums]
+        if self.master_weights is not None:
+            masters = iter(self._masters)
+            wanted = [next(masters).value if v.dtype in _LOWP else None for v in built]
+            if self.master_weights == "remainder":
+                import torch  # the engine takes remainders as raw 16-bit (bfloat16-typed) words
+
+                slots[_core.SlotKind.remainder] = [None if t is None else t.view(torch.bfloat16) for t in wanted]
+            else:
+                slots[_core.SlotKind.master] = wanted
         devices = {t.device for t in variables}
         cuda = next((d for d in devices if d.type == "cuda"), None)
         self._native = _Native(engine, signature, variables, slots, [id(v) for v in built],
@@ -195,8 +257,48 @@ class SGD(keras.optimizers.SGD):
                 raise ValueError(
                     f"fastsgd.keras.SGD does not support variables with overwrite_with_gradient=True "
                     f"(float8 training): {v.path}")
+        if self.master_weights == "remainder":
+            for v in variables:
+                if v.dtype == "float16":
+                    raise ValueError("`master_weights='remainder'` needs bfloat16 variables (their float32 master is "
+                                     f"the variable's bits plus 16 more); {v.path} is float16: use "
+                                     "master_weights='float32'")
         super().build(variables)
+        if self.master_weights is not None:
+            masters = []
+            for v in variables:
+                if v.dtype not in _LOWP:
+                    continue
+                if self.master_weights == "float32":
+                    init = _widened(v)
+                    dtype = "float32"
+                else:
+                    init, dtype = "zeros", "int16"
+                masters.append(self.add_variable(shape=v.shape, initializer=init, dtype=dtype,
+                                                 name=f"{v.path.replace('/', '_')}_{_MASTER_NAME[self.master_weights]}"))
+            self._masters = masters
         self._native = None
+
+    def add_variable_from_reference(self, reference_variable: Any, name: Optional[str] = None,
+                                    initializer: Any = "zeros") -> Any:
+        """Keras's, except that under ``master_weights`` the slots of 16-bit variables are
+        float32 (the engine computes on the float32 master and keeps its slots in float32)."""
+        if self.master_weights is not None and getattr(reference_variable, "dtype", None) in _LOWP:
+            name = f"{reference_variable.path.replace('/', '_')}_{name or 'var'}"
+            return self.add_variable(shape=reference_variable.shape, initializer=initializer, dtype="float32",
+                                     name=name, layout=getattr(reference_variable, "_layout", None))
+        return super().add_variable_from_reference(reference_variable, name=name, initializer=initializer)
+
+    def get_config(self) -> dict:
+        """Keras SGD's config, plus the low-precision extras when they are not the defaults."""
+        config = super().get_config()
+        if self.master_weights is not None:
+            config["master_weights"] = self.master_weights
+        if self.stochastic_rounding:
+            config["stochastic_rounding"] = True
+        if self.seed != 0:
+            config["seed"] = self.seed
+        return config
 
     def exclude_from_weight_decay(self, var_list: Optional[list] = None,
                                   var_names: Optional[list] = None) -> None:
@@ -217,6 +319,7 @@ class SGD(keras.optimizers.SGD):
             return
         if in_stateless_scope():
             # stateless_apply: Keras's own (functional) walk; the engine writes in place.
+            self._refuse_stateless()
             return super().apply(grads, trainable_variables)
         if trainable_variables is None:
             if not self.built:
@@ -255,6 +358,8 @@ class SGD(keras.optimizers.SGD):
         if raw != native.raw_iterations:  # loaded, set_weights, or assigned by the user
             engine.raw_iterations = raw
             native.raw_iterations = raw
+        if raw == 0 and self._masters:
+            self._resync_masters()
         lr = _scalar(self._get_current_learning_rate()) if engine.update_is_due else None
         stream = None
         if native.cuda_device is not None:
@@ -287,10 +392,37 @@ class SGD(keras.optimizers.SGD):
                     v.assign(v.constraint(v))
         _bump_versions(native.variables)
 
+    def _resync_masters(self) -> None:
+        """Before the first update: masters are the variables as they are now (widened, or a
+        zero remainder), whatever was assigned to the variables since ``build()``."""
+        lowp = [v for v in self._trainable_variables if v.dtype in _LOWP]
+        for v, m in zip(lowp, self._masters):
+            if self.master_weights == "float32":
+                m.value.copy_(v.value)
+            else:
+                m.value.zero_()
+
+    def _refuse_stateless(self) -> None:
+        if self.master_weights is not None or self.stochastic_rounding:
+            raise ValueError("fastsgd.keras.SGD with `master_weights` or `stochastic_rounding` updates variables "
+                             "in place only; stateless_apply (Keras's functional step) would bypass the master "
+                             "and the rounding")
+
     def stateless_apply(self, optimizer_variables: list, grads: list, trainable_variables: list) -> tuple:
         """Keras's functional step (JAX-style trainers): runs Keras's own Python walk, since
-        the engine only updates tensors in place."""
+        the engine only updates tensors in place (refused with the low-precision extras)."""
+        self._refuse_stateless()
         return super().stateless_apply(optimizer_variables, grads, trainable_variables)
+
+
+_MASTER_NAME = {"float32": "master", "remainder": "remainder"}
+
+
+def _widened(variable: Any) -> Any:
+    """An initializer giving ``variable``'s current value in float32 (a master's start)."""
+    def init(shape: Any, dtype: Any = None) -> Any:
+        return keras.ops.cast(variable.value, "float32")
+    return init
 
 
 def _bump_versions(tensors: list) -> None:

@@ -13,6 +13,10 @@ they *are* the buffers the engine updates), every ``torch.optim.lr_scheduler``,
 ``torch.amp.GradScaler`` (fused-optimizer protocol), DDP, ``ZeroRedundancyOptimizer`` and FSDP2
 (DTensor parameters: the local shards are updated in place; global norms take one all-reduce).
 
+bfloat16/float16 parameters can keep a float32 master (``state[p]["master"]``) or the master's
+low half (``state[p]["remainder"]``, torch.uint16) and be stored with stochastic rounding; see
+``SGD``'s ``master_weights``, ``stochastic_rounding`` and ``seed``.
+
 The per-element rule is torch's ``_single_tensor_sgd`` with its roundings, computed by the C++
 engine (cpp/include/fastsgd/math.h, ``Convention.torch``); this module only maps torch's objects
 onto the engine's caller-owned slots. It is imported only when used (``fastsgd`` never imports
@@ -39,6 +43,10 @@ _grad_of = attrgetter("grad")
 _MOMENTUM_KEY = {"torch": "momentum_buffer", "keras": "velocity"}
 _EMA_KEY = "ema"
 _ACC_KEY = "accumulator"
+_MASTER_KEY = "master"        # float32 copy of a 16-bit parameter (master_weights="float32")
+_REMAINDER_KEY = "remainder"  # uint16 low half of that float32 master (master_weights="remainder")
+_MASTER_FORMS = {"float32": ("master", _MASTER_KEY), "remainder": ("remainder", _REMAINDER_KEY)}
+_LOWP = (torch.float16, torch.bfloat16)
 _COUNTERS_KEY = "fastsgd"   # extra top-level state_dict entry, only when counters matter
 _NO_STATE: dict = {}        # stands for a parameter without state (never written)
 
@@ -143,6 +151,29 @@ def _float_arg(name: str, value: Any, allow_none: bool = True) -> Optional[float
     return float(value)
 
 
+def _set_lowp_options(options: Any, master_weights: Any, stochastic_rounding: Any, seed: Any) -> None:
+    """Checks the low-precision extras (fastsgd.SGD's wording) and writes them into ``options``.
+    A float32 master makes every other slot of a 16-bit parameter float32 (the engine's rule)."""
+    if master_weights is not None and (not isinstance(master_weights, str) or master_weights not in _MASTER_FORMS):
+        raise ValueError(f"`master_weights` must be None, 'float32' or 'remainder', got {master_weights!r}")
+    if not isinstance(stochastic_rounding, bool):
+        raise TypeError(f"`stochastic_rounding` must be a bool, got {stochastic_rounding!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"`seed` must be an int in [0, 2**64), got {seed!r}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"`seed` must be an int in [0, 2**64), got {seed!r}")
+    if master_weights is not None:
+        options.master_weights = getattr(_core.MasterForm, master_weights)
+        options.slots_in_variable_dtype = False
+    options.stochastic_rounding = stochastic_rounding
+    options.seed = seed
+
+
+def _master_name(options: Any) -> Optional[str]:
+    form = options.master_weights
+    return None if form is None else form.name
+
+
 def _engine_group(group: dict, convention: str) -> Any:
     """The engine's record of one torch parameter group (lr may be a 1-element tensor)."""
     return _core.Group(learning_rate=float(group["lr"]), momentum=float(group["momentum"]),
@@ -163,7 +194,8 @@ class _Plan:
     list, the tensors the engine sees (DTensor local shards), group membership and the engine."""
 
     __slots__ = ("groups", "group_params", "group_lens", "params", "locals", "group_of", "dtensor", "sharded",
-                 "engine", "keys", "state_version", "dicts", "slots", "momentum_none", "aux_missing", "dt")
+                 "engine", "keys", "state_version", "dicts", "slots", "momentum_none", "aux_missing", "dt",
+                 "master_none")
 
 
 def _local(t: Any, dtensor_type: Any) -> Any:
@@ -230,6 +262,31 @@ class SGD(Optimizer):
             ``found_inf`` skips a step in any case).
         gradient_accumulation_steps: update every N steps with the mean of the N gradients
             (accumulators in ``state[p]["accumulator"]``).
+        master_weights: for float16/bfloat16 parameters (others are unaffected), where the exact
+            value lives between steps. ``None``: the parameter itself (torch's behaviour).
+            ``"float32"``: ``state[p]["master"]``, a float32 tensor of the parameter's shape that
+            starts as the widened parameter; each step updates the master in float32 (the rule
+            above, bit for bit what ``torch.optim.SGD`` does to a float32 copy) and stores
+            ``p = round(master)`` in the same pass. ``"remainder"`` (bfloat16 only; a float16
+            parameter is refused at the step): ``state[p]["remainder"]``, a ``torch.uint16``
+            tensor holding the master's low 16 bits and starting at 0, so that ``p`` and the
+            remainder together are the float32 master: ``bits(master) = (bits(p) - up) << 16 |
+            remainder``, where ``up = 1`` when ``p`` was rounded up in magnitude (to nearest:
+            ``remainder >= 0x8000``). Either way the other buffers (``momentum_buffer``,
+            ``accumulator``) of 16-bit parameters are float32. Masters are made at a
+            parameter's first update; one written from outside afterwards is overwritten by its
+            master on the next step (delete ``state[p]["master"]`` to re-widen it).
+        stochastic_rounding: store each updated 16-bit parameter rounded up or down with
+            probability proportional to its distance to either neighbour (unbiased: ``E[p] =
+            the float32 result``), with random bits from a counter-based generator keyed by
+            (``seed``, step, parameter index, element): the same on every CPU, thread count and
+            after a ``state_dict()`` resume.
+        seed: an int in [0, 2**64), the stochastic rounding key. With stochastic rounding
+            ``state_dict()["fastsgd"]`` carries it with the step counter, and
+            ``load_state_dict`` adopts both.
+
+    ``master_weights`` and ``stochastic_rounding`` cannot be combined with ``use_ema``, and
+    are CPU only in this version (CUDA parameters are refused at the first step).
 
     One native call per ``step()``; no per-step allocation once the buffers exist.
     """
@@ -240,7 +297,8 @@ class SGD(Optimizer):
                  convention: str = "torch", clipnorm: Optional[float] = None, clipvalue: Optional[float] = None,
                  global_clipnorm: Optional[float] = None, use_ema: bool = False, ema_momentum: float = 0.99,
                  ema_overwrite_frequency: Optional[int] = None, skip_nonfinite: bool = False,
-                 gradient_accumulation_steps: Optional[int] = None) -> None:
+                 gradient_accumulation_steps: Optional[int] = None, master_weights: Optional[str] = None,
+                 stochastic_rounding: bool = False, seed: int = 0) -> None:
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -284,6 +342,7 @@ class SGD(Optimizer):
                 raise TypeError("`gradient_accumulation_steps` must be an int or None, "
                                 f"got {gradient_accumulation_steps!r}")
             options.gradient_accumulation_steps = gradient_accumulation_steps
+        _set_lowp_options(options, master_weights, stochastic_rounding, seed)
         options.group = _engine_group({"lr": lr, "momentum": momentum, "dampening": dampening,
                                        "nesterov": nesterov, "weight_decay": weight_decay,
                                        "maximize": maximize}, convention)
@@ -346,7 +405,8 @@ class SGD(Optimizer):
         return {"convention": self._convention, "clipnorm": o.clipnorm, "clipvalue": o.clipvalue,
                 "global_clipnorm": o.global_clipnorm, "use_ema": o.use_ema, "ema_momentum": o.ema_momentum,
                 "ema_overwrite_frequency": o.ema_overwrite_frequency, "skip_nonfinite": o.skip_nonfinite,
-                "gradient_accumulation_steps": o.gradient_accumulation_steps, "counters": self._live_counters()}
+                "gradient_accumulation_steps": o.gradient_accumulation_steps, "counters": self._live_counters(),
+                "master_weights": _master_name(o), "stochastic_rounding": o.stochastic_rounding, "seed": int(o.seed)}
 
     def _restore_config(self, c: dict) -> None:
         o = _core.Options()
@@ -356,6 +416,7 @@ class SGD(Optimizer):
         for k in ("clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum", "ema_overwrite_frequency",
                   "skip_nonfinite", "gradient_accumulation_steps"):
             setattr(o, k, c[k])
+        _set_lowp_options(o, c.get("master_weights"), c.get("stochastic_rounding", False), c.get("seed", 0))
         self._options, self._convention = o, c["convention"]
         self._momentum_key = _MOMENTUM_KEY[self._convention]
         self._accumulating = (o.gradient_accumulation_steps or 0) > 1
@@ -369,27 +430,91 @@ class SGD(Optimizer):
         self._plan = None
 
     def state_dict(self) -> dict:
-        """torch's format: ``{"state": {i: {"momentum_buffer": tensor}}, "param_groups": [...]}``.
-        With EMA or gradient accumulation the engine's counters ride along under ``"fastsgd"``."""
+        """torch's format: ``{"state": {i: {"momentum_buffer": tensor}}, "param_groups": [...]}``
+        (plus ``"master"`` / ``"remainder"`` under ``master_weights``). With EMA, gradient
+        accumulation or stochastic rounding the engine's counters ride along under
+        ``"fastsgd"``, with the stochastic rounding ``seed``."""
         out = super().state_dict()
         out["state"] = {k: dict(v) if type(v) is _SlotDict else v for k, v in out["state"].items()}
         o = self._options
-        if o.use_ema or self._accumulating:
+        if o.use_ema or self._accumulating or o.stochastic_rounding:
             raw, skipped = self._live_counters()
             out[_COUNTERS_KEY] = {"raw_iterations": raw, "skipped_steps": skipped}
+            if o.stochastic_rounding:
+                out[_COUNTERS_KEY]["seed"] = int(o.seed)
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads torch's format (from this class or ``torch.optim.SGD``); buffers are cast to
-        each parameter's dtype and device as torch does."""
+        each parameter's dtype and device as torch does, except the float32 masters, the
+        uint16 remainders and, under ``master_weights``, the float32 buffers of 16-bit
+        parameters, which keep their dtype (torch's cast would round them to the parameter's).
+        A state that does not fit is refused before anything changes."""
         counters = state_dict.get(_COUNTERS_KEY) if isinstance(state_dict, dict) else None
         if counters is not None:
             state_dict = {k: v for k, v in state_dict.items() if k != _COUNTERS_KEY}
+            seed = counters.get("seed", self._options.seed)
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+                raise ValueError(f"state_dict['fastsgd']['seed'] must be an int in [0, 2**64), got {seed!r}")
+        wide: dict = {}
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict) and \
+                isinstance(state_dict.get("param_groups"), list):
+            state_dict, wide = self._split_wide_state(state_dict)
         super().load_state_dict(state_dict)
+        for p, entries in wide.items():
+            d = self.state[p]
+            for key, t in entries.items():
+                d[key] = t
         if counters is not None:
             self._counters = (int(counters["raw_iterations"]), int(counters["skipped_steps"]))
+            self._options.seed = seed
             if self._plan is not None:
-                self._plan.engine.raw_iterations, self._plan.engine.skipped_steps = self._counters
+                e = self._plan.engine
+                e.raw_iterations, e.skipped_steps = self._counters
+                e.seed = seed
+
+    def _split_wide_state(self, state_dict: dict) -> tuple:
+        """Takes the buffers torch must not cast out of ``state_dict["state"]``: returns the
+        rest, and {parameter: {key: tensor on the parameter's device, in the dtype its slot
+        needs}}. Raises (changing nothing) for a master or remainder that cannot fit."""
+        saved_ids = list(chain.from_iterable(g.get("params", ()) for g in state_dict["param_groups"]))
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        if len(saved_ids) != len(params):
+            return state_dict, {}  # torch's own check raises with its wording
+        param_of = dict(zip(saved_ids, params))
+        widen_slots = self._options.master_weights is not None
+        kept, wide = {}, {}
+        for k, entry in state_dict["state"].items():
+            p = param_of.get(k)
+            if p is None or not isinstance(entry, dict):
+                kept[k] = entry
+                continue
+            low = p.dtype in _LOWP
+            rest, taken = {}, {}
+            for key, t in entry.items():
+                if not isinstance(t, torch.Tensor):
+                    rest[key] = t
+                elif key == _MASTER_KEY:
+                    taken[key] = self._fitted(t, p, torch.float32, key, k)
+                elif key == _REMAINDER_KEY:
+                    if t.dtype not in (torch.uint16, torch.int16, torch.bfloat16):
+                        raise ValueError(f"state[{k}]['remainder'] has dtype {t.dtype}; remainders are the "
+                                         "master's low 16 bits in a torch.uint16 tensor")
+                    taken[key] = self._fitted(t.view(torch.uint16), p, torch.uint16, key, k)
+                elif widen_slots and low and key in (self._momentum_key, _ACC_KEY):
+                    taken[key] = self._fitted(t, p, torch.float32, key, k)
+                else:
+                    rest[key] = t
+            kept[k] = rest
+            if taken:
+                wide[p] = taken
+        return {**state_dict, "state": kept}, wide
+
+    @staticmethod
+    def _fitted(t: torch.Tensor, p: torch.Tensor, dtype: torch.dtype, key: str, k: Any) -> torch.Tensor:
+        if t.shape != p.shape:
+            raise ValueError(f"state[{k}][{key!r}] has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
+        return t.to(device=p.device, dtype=dtype, memory_format=torch.contiguous_format)
 
     def _live_counters(self) -> tuple:
         if self._plan is not None:
@@ -414,6 +539,12 @@ class SGD(Optimizer):
                              "use `global_clipnorm`")
         plan.locals = [_local(p, dtensor_type) for p in plan.params] if plan.dtensor else plan.params
         plan.group_of = [i for i, n in enumerate(plan.group_lens) for _ in range(n)]
+        if _master_name(self._options) == "remainder":
+            for i, p in enumerate(plan.params):
+                if p.dtype == torch.float16:
+                    raise ValueError("`master_weights='remainder'` needs bfloat16 parameters (their float32 master "
+                                     f"is the parameter's bits plus 16 more); params[{i}] is float16: use "
+                                     "master_weights='float32'")
         engine = _core.Engine(self._options)
         for i, group in enumerate(plan.groups):
             g = _engine_group(group, self._convention)
@@ -468,8 +599,24 @@ class SGD(Optimizer):
             if on:
                 slots[kind] = list(map(dict.get, plan.dicts, repeat(key)))
                 plan.aux_missing = plan.aux_missing or None in slots[kind]
+        plan.master_none = []
+        form = _master_name(o)
+        if form is not None:
+            kind, key = _MASTER_FORMS[form]
+            kind = getattr(_core.SlotKind, kind)
+            masters = [d.get(key) if p.dtype in _LOWP else None for p, d in zip(plan.params, plan.dicts)]
+            plan.master_none = [i for i, (p, t) in enumerate(zip(plan.params, masters)) if t is None and p.dtype in _LOWP]
+            if kind == _core.SlotKind.remainder:
+                for i, t in enumerate(masters):
+                    if t is not None and t.dtype != torch.uint16:
+                        raise TypeError(f"state[params[{i}]]['remainder'] has dtype {t.dtype}; remainders are "
+                                        "torch.uint16 tensors (the float32 master's low 16 bits)")
+            slots[kind] = masters
         if plan.dtensor:
             slots = {k: [None if t is None else _local(t, plan.dt) for t in v] for k, v in slots.items()}
+        rem = slots.get(_core.SlotKind.remainder)
+        if rem is not None:  # the engine takes remainders as raw 16-bit (bfloat16-typed) words
+            slots[_core.SlotKind.remainder] = [None if t is None else t.view(torch.bfloat16) for t in rem]
         plan.slots = slots
         plan.state_version = st.version
 
@@ -483,27 +630,32 @@ class SGD(Optimizer):
         key = self._momentum_key
         groups = plan.groups
         bufs = plan.slots[_core.SlotKind.momentum]
+        wide = self._options.master_weights is not None
         if update_due:
             for i in plan.momentum_none:
                 if bufs[i] is None and grads[i] is not None and groups[plan.group_of[i]]["momentum"] != 0:
                     p = plan.params[i]
+                    dtype = torch.float32 if wide and p.dtype in _LOWP else p.dtype
                     if self._convention == "torch":
-                        b = torch.empty_like(p, memory_format=torch.contiguous_format)
+                        b = torch.empty_like(p, dtype=dtype, memory_format=torch.contiguous_format)
                         if fresh is None:
                             fresh = [False] * len(bufs)
                         fresh[i] = True
                     else:
-                        b = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                        b = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
                     self._slot_dict(plan, i)[key] = b
                     bufs[i] = _local(b, plan.dt) if plan.dtensor else b
                     created.append((p, key))
+            if plan.master_none:
+                self._missing_masters(plan, grads, created)
         if plan.aux_missing:
             with torch.no_grad():
                 for kind, key, init in (
                         (_core.SlotKind.average, _EMA_KEY,
                          lambda p: p.detach().clone(memory_format=torch.contiguous_format)),
                         (_core.SlotKind.accumulator, _ACC_KEY,
-                         lambda p: torch.zeros_like(p, memory_format=torch.contiguous_format))):
+                         lambda p: torch.zeros_like(p, dtype=torch.float32 if wide and p.dtype in _LOWP else p.dtype,
+                                                    memory_format=torch.contiguous_format))):
                     out = plan.slots.get(kind)
                     for i in range(len(out) if out is not None else 0):
                         if out[i] is None:
@@ -513,6 +665,27 @@ class SGD(Optimizer):
                             out[i] = _local(t, plan.dt) if plan.dtensor else t
                             aux_created.append((p, key))
         return fresh, created, aux_created
+
+    @torch.no_grad()
+    def _missing_masters(self, plan: _Plan, grads: list, created: list) -> None:
+        """Masters for the 16-bit parameters this step updates for the first time, made as the
+        engine makes its own: the widened parameter, or a zero remainder (the parameter's bits
+        with a zero low half are the master exactly)."""
+        form = _master_name(self._options)
+        kind, key = _MASTER_FORMS[form]
+        out = plan.slots[getattr(_core.SlotKind, kind)]
+        for i in plan.master_none:
+            if out[i] is not None or grads[i] is None:
+                continue
+            p = plan.params[i]
+            if form == "float32":
+                t = p.detach().to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+            else:
+                t = torch.zeros_like(p, dtype=torch.uint16, memory_format=torch.contiguous_format)
+            self._slot_dict(plan, i)[key] = t
+            local = _local(t, plan.dt) if plan.dtensor else t
+            out[i] = local.view(torch.bfloat16) if form == "remainder" else local
+            created.append((p, key))
 
     def _step_impl(self) -> None:
         plan = self._current_plan()
@@ -535,7 +708,7 @@ class SGD(Optimizer):
             found_inf = bool(inf)
         fresh = None
         created = aux_created = ()
-        if plan.momentum_none or plan.aux_missing:
+        if plan.momentum_none or plan.aux_missing or plan.master_none:
             # The engine wants every slot of a would-be update even when found_inf skips it;
             # what is made for a skipped step is dropped again below.
             fresh, created, aux_created = self._missing_slots(
@@ -588,14 +761,16 @@ class SGD(Optimizer):
                 g, changed = g.contiguous(), True
             out.append(g)
         key_of = {_core.SlotKind.momentum: self._momentum_key, _core.SlotKind.average: _EMA_KEY,
-                  _core.SlotKind.accumulator: _ACC_KEY}
+                  _core.SlotKind.accumulator: _ACC_KEY, _core.SlotKind.master: _MASTER_KEY,
+                  _core.SlotKind.remainder: _REMAINDER_KEY}
         for kind, bufs in plan.slots.items():
             for i, b in enumerate(bufs):
                 if b is not None and not b.is_contiguous():
                     if plan.dtensor:
                         raise refusal
                     b = bufs[i] = b.contiguous()
-                    self._slot_dict(plan, i)[key_of[kind]] = b
+                    self._slot_dict(plan, i)[key_of[kind]] = \
+                        b.view(torch.uint16) if kind == _core.SlotKind.remainder else b
                     changed = True
         if not changed:
             if isinstance(refusal, RuntimeError):  # a framework error surfaced through DLPack
