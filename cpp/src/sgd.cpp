@@ -544,7 +544,9 @@ void SGD::plan_step(const StepRequest& r, bool update_call, bool touches_all) {
     t.ts.momentum = g.momentum;
     t.ts.dampening = g.dampening;
     t.ts.weight_decay = decays_[i] ? g.weight_decay : 0.0;
-    t.ts.decay_l2 = decay_form_of(g, o.convention) == DecayForm::l2;
+    // No L2 term without weight decay: fma(w, 0, g) is not g for an infinite w or g = -0, and
+    // the 16-bit update passes always run the decay (the others skip it at weight decay 0).
+    t.ts.decay_l2 = t.ts.weight_decay != 0.0 && decay_form_of(g, o.convention) == DecayForm::l2;
     t.ts.maximize = g.maximize;
     if (const std::optional<SlotKind> master = master_slot_for(t.var_dtype, o)) {
       t.form = *master == SlotKind::master ? detail::VarForm::master : detail::VarForm::remainder;
