@@ -5,7 +5,9 @@
 // global sum computed outside) as kernel arguments. measure() is the one exception: the
 // engine needs its sums and non-finite flag on the host (grad_stats, skip_nonfinite), so it
 // copies them out and synchronises the stream. Device scratch (norm partials) lives here and
-// grows only when a step needs more than any step before.
+// grows only when a step needs more than any step before. Slots of every kind, float32
+// masters and remainders included, are allocated here; the engine initialises a master from
+// its variable through copy_to_host / copy_from_host at build, as on the CPU.
 //
 // CUDA graph capture is refused (ValueError naming the stream): a captured step would keep
 // the learning rate, EMA factors and accumulation phase of the capturing call in its kernel

@@ -8,8 +8,9 @@
 // kernel parameters, which a CUDA 13 build always has):
 //
 //   LaunchMeta.tensors[t]       up to kMaxTensors tensors, each with kSlots pointers, numel,
-//                               an `aux` integer, `flags` and kTensorScalars doubles for the
-//                               functor (per-tensor hyper-parameters: no device table needed)
+//                               an `aux` integer, `flags`, a 64-bit `word` and kTensorScalars
+//                               doubles for the functor (per-tensor hyper-parameters: no
+//                               device table needed)
 //   LaunchMeta.chunk_start[t]   prefix sums of chunks: block b works on the chunk
 //                               b - chunk_start[t] of the tensor t with
 //                               chunk_start[t] <= b < chunk_start[t + 1]
@@ -38,7 +39,7 @@ constexpr int kBlockThreads = 512;
 constexpr int kILP = 4;
 constexpr int kChunk = 16384;  // 8 block-iterations of kBlockThreads * kILP elements
 constexpr int kMaxTensors = 128;
-constexpr int kSlots = 5;
+constexpr int kSlots = 6;
 constexpr int kTensorScalars = 6;
 constexpr int32_t kMaxChunksPerLaunch = 1 << 30;
 
@@ -60,6 +61,7 @@ struct TensorMeta {
   int64_t numel;
   int32_t aux;        // functor-defined index (e.g. a row of a device table), -1 for none
   uint32_t flags;     // kAligned | functor bits
+  uint64_t word;      // functor-defined (e.g. the key of a random stream)
   double scalars[kTensorScalars];  // functor-defined per-tensor values
 };
 
@@ -138,6 +140,33 @@ FASTSGD_HD void store_lanes(T* dst, const C (&src)[kILP], bool vector, int lanes
     FASTSGD_UNROLL
     for (int j = 0; j < kILP; ++j)
       if (j < lanes) store(dst[j], src[j]);
+  }
+}
+
+// As load_lanes and store_lanes, without conversion: storage words the functor reads itself.
+template <class T>
+FASTSGD_HD void load_raw_lanes(T (&dst)[kILP], const T* src, bool vector, int lanes) {
+  if (vector) {
+    const Pack<T> p = *reinterpret_cast<const Pack<T>*>(src);
+    FASTSGD_UNROLL
+    for (int j = 0; j < kILP; ++j) dst[j] = p.v[j];
+  } else {
+    FASTSGD_UNROLL
+    for (int j = 0; j < kILP; ++j) dst[j] = j < lanes ? src[j] : T{};
+  }
+}
+
+template <class T>
+FASTSGD_HD void store_raw_lanes(T* dst, const T (&src)[kILP], bool vector, int lanes) {
+  if (vector) {
+    Pack<T> p;
+    FASTSGD_UNROLL
+    for (int j = 0; j < kILP; ++j) p.v[j] = src[j];
+    *reinterpret_cast<Pack<T>*>(dst) = p;
+  } else {
+    FASTSGD_UNROLL
+    for (int j = 0; j < kILP; ++j)
+      if (j < lanes) dst[j] = src[j];
   }
 }
 
@@ -231,8 +260,10 @@ inline bool launch_fits(const LaunchMeta& meta, int64_t numel) {
 // Appends a tensor (numel > 0). elem_size[s] is the element size of ptr[s]; kAligned is set
 // when every non-null pointer is aligned to kILP of its elements.
 inline void launch_add(LaunchMeta& meta, void* const (&ptr)[kSlots], const int (&elem_size)[kSlots],
-                       int64_t numel, int32_t aux, uint32_t flags, const double (&scalars)[kTensorScalars]) {
+                       int64_t numel, int32_t aux, uint32_t flags, uint64_t word,
+                       const double (&scalars)[kTensorScalars]) {
   TensorMeta& t = meta.tensors[meta.count];
+  t.word = word;
   for (int k = 0; k < kTensorScalars; ++k) t.scalars[k] = scalars[k];
   bool aligned = true;
   for (int s = 0; s < kSlots; ++s) {

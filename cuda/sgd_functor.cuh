@@ -9,14 +9,18 @@
 //   ptr[kM]    momentum slot, storage type S                      update passes with momentum
 //   ptr[kAcc]  gradient accumulator slot, storage type S          accumulation
 //   ptr[kAvg]  EMA average slot, storage type S                   use_ema
+//   ptr[kMaster] float32 master (float) or remainder (uint16_t)   16-bit update passes with
+//                                                                 master_weights
 // TensorMeta::scalars  the tensor's TensorScalars (its group's learning rate, momentum,
 //                    dampening, weight decay, and clip coefficients computed on the host),
 //                    indexed by kLr .. kClipDiv.
 // TensorMeta::aux    row of the device clip table, whose (clip_mul, clip_div) then replace the
 //                    host values; -1 when the coefficients are in `scalars`. In
 //                    sum-of-squares launches: the tensor's row of the norm tables.
-// TensorMeta::flags  kDecayL2, kMaximize, kFreshMomentum (TensorScalars' booleans), and
-//                    kHasAvg, kResetAcc (idle passes).
+// TensorMeta::flags  kDecayL2, kMaximize, kFreshMomentum (TensorScalars' booleans),
+//                    kHasAvg, kResetAcc (idle passes), and kStochastic (16-bit update passes
+//                    that round the stored variable stochastically).
+// TensorMeta::word   the tensor's random stream (TensorScalars::random_stream).
 //
 // Storage combinations (W, S), exactly as the CPU's select_pass (cpp/src/cpu/walk.inc):
 //   (float, float) (double, double) (half_t, float) (half_t, half_t)
@@ -31,9 +35,18 @@
 //   decay       a tensor without weight decay takes the decoupled form, w * 1 == w (the L2
 //               form fma(w, 0, g) is not an identity for w = inf or g = -0, so kDecayL2 is
 //               only set when the weight decay is nonzero).
+//
+// 16-bit variables with master_weights or stochastic_rounding (math.h, "16-bit storage") run
+// LowpUpdateFunctor, the per-element loop of the CPU's lowp_update_pass: the same math.h calls
+// in the same order, and element i of a tensor draws its bits from segment_key(stream, i) with
+// counter uint32_t(i), so the bits do not depend on the block or thread that owns i. Its form
+// (plain, master, remainder) is a template parameter, instantiated only where the CPU has it
+// (masters with float32 slots, remainders for bfloat16 variables); whether a master or a
+// remainder rounds stochastically is the per-tensor kStochastic flag, a uniform branch.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "fastsgd/dtype.h"
 #include "fastsgd/math.h"
@@ -43,7 +56,8 @@
 namespace fastsgd {
 namespace gpu {
 
-enum : int { kW = 0, kG = 1, kM = 2, kAcc = 3, kAvg = 4 };
+enum : int { kW = 0, kG = 1, kM = 2, kAcc = 3, kAvg = 4, kMaster = 5 };
+static_assert(kMaster < kSlots, "TensorMeta holds every buffer of a task");
 
 // TensorMeta::scalars of SGD launches.
 enum : int { kLr = 0, kMomentum = 1, kDampening = 2, kWeightDecay = 3, kClipMul = 4, kClipDiv = 5 };
@@ -56,6 +70,13 @@ constexpr uint32_t kResetAcc = 8u;
 constexpr uint32_t kMaximize = 16u;
 constexpr uint32_t kFreshMomentum = 32u;
 constexpr uint32_t kNarrowNorm = 64u;  // norm launches: the tensor computes in float32 (see keras_sum_squares)
+constexpr uint32_t kStochastic = 128u;
+
+// Which functor an update pass of a 16-bit variable runs: the common one (none: stored to
+// nearest, no master), or LowpUpdateFunctor with the variable alone rounded stochastically
+// (plain), beside a float32 master, or joined with a remainder.
+enum class Lowp : int32_t { none = 0, plain = 1, master = 2, remainder = 3 };
+constexpr int kNumLowp = 4;
 
 enum class Combo : int32_t { f32 = 0, f64 = 1, f16_f32 = 2, f16_f16 = 3, bf16_f32 = 4, bf16_bf16 = 5 };
 constexpr int kNumCombos = 6;
@@ -67,6 +88,7 @@ struct PassVariant {
   MomentumKind momentum = MomentumKind::none;
   bool merge = false;
   bool ema = false;
+  Lowp lowp = Lowp::none;  // update passes only
 };
 
 // The per-tensor half of a TensorMeta of an SGD launch, from a task's TensorScalars.
@@ -100,6 +122,7 @@ FASTSGD_HD TensorScalars unpack_tensor_scalars(const TensorMeta& t, const double
   ts.decay_l2 = (t.flags & kDecayL2) != 0;
   ts.maximize = (t.flags & kMaximize) != 0;
   ts.fresh_momentum = (t.flags & kFreshMomentum) != 0;
+  ts.random_stream = t.word;
   return ts;
 }
 
@@ -207,6 +230,76 @@ struct SgdFunctor {
   }
 };
 
+// ---- the update of a 16-bit variable with a master form or stochastic rounding ----------------
+
+// W: bfloat16_t or half_t; S: the slot type (float, or W itself for Form plain).
+template <class W, class S, Convention R, MomentumKind MK, bool Merge, Lowp Form>
+struct LowpUpdateFunctor {
+  static_assert(Form != Lowp::none, "the common functor handles variables without a master or rounding");
+  static constexpr bool kMom = MK != MomentumKind::none;
+  using MasterT = typename std::conditional<Form == Lowp::remainder, uint16_t, float>::type;
+
+  static FASTSGD_HD void block(const LaunchMeta& meta, int64_t b, int tid, const StepScalars& s,
+                               const double* clip) {
+    const ChunkRef c = locate_chunk(meta, b);
+    const TensorMeta& t = meta.tensors[c.tensor];
+    const TensorScalars ts = unpack_tensor_scalars(t, clip);
+    const math::Coeffs<float> k = math::make_coeffs<float>(s, ts);
+    // A plain form exists only to round stochastically.
+    const bool stochastic = Form == Lowp::plain || (t.flags & kStochastic) != 0;
+    W* w = at<W>(t.ptr[kW], c.begin);
+    const W* g = at<const W>(t.ptr[kG], c.begin);
+    S* m = at<S>(t.ptr[kM], c.begin);
+    S* acc = at<S>(t.ptr[kAcc], c.begin);
+    MasterT* master = at<MasterT>(t.ptr[kMaster], c.begin);
+    const bool aligned = (t.flags & kAligned) != 0;
+    for (int i = tid * kILP; i < c.n; i += kBlockThreads * kILP) {
+      const int lanes = c.n - i < kILP ? c.n - i : kILP;
+      const bool vec = aligned && lanes == kILP;
+      W wv[kILP];
+      MasterT mas[kILP];
+      float gv[kILP], mv[kILP], accv[kILP];
+      if (Form != Lowp::master) load_raw_lanes(wv, w + i, vec, lanes);
+      if (Form != Lowp::plain) load_raw_lanes(mas, master + i, vec, lanes);
+      load_lanes(gv, g + i, vec, lanes);
+      if (kMom) load_lanes(mv, m + i, vec, lanes); else zero_lanes(mv);
+      if (Merge) load_lanes(accv, acc + i, vec, lanes); else zero_lanes(accv);
+      FASTSGD_UNROLL
+      for (int j = 0; j < kILP; ++j) {
+        const int64_t e = c.begin + i + j;
+        element(wv[j], mas[j], gv[j], mv[j], accv[j], k, stochastic, math::segment_key(ts.random_stream, e),
+                uint32_t(e));
+      }
+      store_raw_lanes(w + i, wv, vec, lanes);
+      if (Form != Lowp::plain) store_raw_lanes(master + i, mas, vec, lanes);
+      if (kMom) store_lanes(m + i, mv, vec, lanes);
+      if (Merge) store_lanes(acc + i, accv, vec, lanes);
+    }
+  }
+
+  // lowp_update_pass's element (cpp/src/cpu/walk.inc) with key = segment_key(stream, i) and
+  // counter j = uint32_t(i): the full gradient path, which on the CPU's shorter paths skips
+  // only identities.
+  static FASTSGD_HD void element(W& v, MasterT& mas, float g, float& m, float& acc, const math::Coeffs<float>& k,
+                                 bool stochastic, uint32_t key, uint32_t j) {
+    float wv;
+    if constexpr (Form == Lowp::master) wv = mas;
+    else if constexpr (Form == Lowp::remainder)
+      wv = stochastic ? math::remainder_join<true>(v, mas, key, j) : math::remainder_join<false>(v, mas, key, j);
+    else wv = load<float>(v);
+    float avg = 0.0f;
+    math::update<float, R, MK, Merge, /*NormClip=*/true, /*Ema=*/false>(wv, g, m, acc, avg, k);
+    if constexpr (Form == Lowp::remainder) {
+      if (stochastic) math::remainder_split<true>(wv, v, mas, key, j);
+      else math::remainder_split<false>(wv, v, mas, key, j);
+    } else {
+      if constexpr (Form == Lowp::master) mas = wv;
+      if (stochastic) math::store_rounded<true>(v, wv, math::random16(key, j));
+      else math::store_rounded<false>(v, wv, 0u);
+    }
+  }
+};
+
 // ---- norm clipping and measuring: sums of squares of the effective gradient ----------------
 //
 // Stage 1 (multi_tensor_reduce_kernel): one Pair per chunk -- the sum of squares and a probe
@@ -293,9 +386,31 @@ struct Tag {
   using type = T;
 };
 
+// The lowp forms the CPU instantiates for (W, S) (walk.inc's pick_lowp_form): a master
+// only with float32 slots, a remainder only for bfloat16 variables; anything else rounds the
+// plain variable stochastically, as there.
+template <class W, class S, Convention R, MomentumKind MK, bool Merge, class V>
+void visit_lowp(Lowp form, V&& vis) {
+  if constexpr (std::is_same<S, float>::value) {
+    if (form == Lowp::master) return vis(Tag<LowpUpdateFunctor<W, S, R, MK, Merge, Lowp::master>>{});
+    if constexpr (std::is_same<W, bfloat16_t>::value) {
+      if (form == Lowp::remainder) return vis(Tag<LowpUpdateFunctor<W, S, R, MK, Merge, Lowp::remainder>>{});
+    }
+  }
+  vis(Tag<LowpUpdateFunctor<W, S, R, MK, Merge, Lowp::plain>>{});
+}
+
 template <class W, class S, Convention R, MomentumKind MK, class V>
 void visit_update(const PassVariant& v, V&& vis) {
   using C = typename compute_type<W>::type;
+  if constexpr (std::is_same<W, half_t>::value || std::is_same<W, bfloat16_t>::value) {
+    // EMA is refused with master weights and stochastic rounding.
+    if (v.lowp != Lowp::none) {
+      if (v.merge) visit_lowp<W, S, R, MK, true>(v.lowp, vis);
+      else visit_lowp<W, S, R, MK, false>(v.lowp, vis);
+      return;
+    }
+  }
   if (v.merge) {
     if (v.ema) vis(Tag<SgdFunctor<W, S, UpdateOp<C, R, MK, true, true>>>{});
     else vis(Tag<SgdFunctor<W, S, UpdateOp<C, R, MK, true, false>>>{});

@@ -9,8 +9,8 @@
 //                    the same sum-of-squares launches -> per-tensor rows + per-tensor clip
 //                    coefficients -> global clip scale (global_clipnorm)
 //   execute, always: one pass launch per (storage combination, pass kind, rule, momentum
-//                    kind) and up to kMaxTensors tensors, reading the clip table when the
-//                    coefficients are computed on the device
+//                    kind, 16-bit storage form) and up to kMaxTensors tensors, reading the
+//                    clip table when the coefficients are computed on the device
 #pragma once
 
 #include <array>
@@ -68,6 +68,19 @@ inline bool host_clip_coefficients(detail::StepPlan& plan) {
   return true;
 }
 
+// The functor of a task's update pass: LowpUpdateFunctor for a 16-bit variable with a master
+// or stochastic rounding (the engine sets these only for 16-bit variables), else the common one.
+inline Lowp lowp_of(const detail::PassTask& t) {
+  if (t.kind != PassKind::update || (t.var_dtype != DType::float16 && t.var_dtype != DType::bfloat16))
+    return Lowp::none;
+  switch (t.form) {
+    case detail::VarForm::master: return Lowp::master;
+    case detail::VarForm::remainder: return Lowp::remainder;
+    case detail::VarForm::plain: break;
+  }
+  return t.stochastic ? Lowp::plain : Lowp::none;
+}
+
 inline bool has_gradient(const detail::PassTask& t) {
   return t.kind == PassKind::update || t.kind == PassKind::accumulate;
 }
@@ -77,6 +90,7 @@ struct Launch {
   PassKind kind = PassKind::update;
   Convention rule = Convention::keras;
   MomentumKind momentum = MomentumKind::none;
+  Lowp lowp = Lowp::none;
   LaunchMeta meta;
   int64_t blocks() const { return launch_chunks(meta); }
 };
@@ -88,20 +102,22 @@ inline PassVariant variant_of(const Launch& l, const detail::PassFeatures& f) {
   v.momentum = l.momentum;
   v.merge = f.merge_window;
   v.ema = f.ema;
+  v.lowp = l.lowp;
   return v;
 }
 
-// Launch groups per storage combination: six update variants (rule x momentum kind), then
-// accumulate, idle and finalize.
-constexpr int kPassGroups = 9;
+// Launch groups per storage combination: update variants (16-bit form x rule x momentum
+// kind), then accumulate, idle and finalize.
+constexpr int kUpdateGroups = kNumLowp * 6;
+constexpr int kPassGroups = kUpdateGroups + 3;
 inline int pass_group(const detail::PassTask& t) {
   switch (t.kind) {
-    case PassKind::accumulate: return 6;
-    case PassKind::idle: return 7;
-    case PassKind::finalize: return 8;
+    case PassKind::accumulate: return kUpdateGroups;
+    case PassKind::idle: return kUpdateGroups + 1;
+    case PassKind::finalize: return kUpdateGroups + 2;
     case PassKind::update: break;
   }
-  return int(t.rule) * 3 + int(t.momentum);
+  return int(lowp_of(t)) * 6 + int(t.rule) * 3 + int(t.momentum);
 }
 
 class StepLaunches {
@@ -145,8 +161,10 @@ class StepLaunches {
         if (t.avg) flags |= kHasAvg;
         if (p.scalars.reset_accumulator && t.acc) flags |= kResetAcc;
       }
+      const Lowp lowp = lowp_of(t);
+      if (lowp != Lowp::none && t.stochastic) flags |= kStochastic;
       LaunchMeta& meta = open_launch(int(c) * kPassGroups + pass_group(t), c, t);
-      add_task(meta, t, c, aux, flags, scalars);
+      add_task(meta, t, c, aux, flags, scalars, lowp);
     }
     pass_count = used_ - norm_count;
   }
@@ -193,17 +211,20 @@ class StepLaunches {
       l.kind = t.kind;
       l.rule = t.rule;
       l.momentum = t.momentum;
+      l.lowp = lowp_of(t);
       launch_reset(l.meta);
     }
     return storage_[size_t(slot)].meta;
   }
 
+  // `lowp`: the task's update functor; its master or remainder slot travels only with it.
   static void add_task(LaunchMeta& meta, const detail::PassTask& t, Combo c, int32_t aux, uint32_t flags,
-                       const double (&scalars)[kTensorScalars]) {
-    void* const ptr[kSlots] = {t.w, const_cast<void*>(t.g), t.m, t.acc, t.avg};
+                       const double (&scalars)[kTensorScalars], Lowp lowp = Lowp::none) {
+    const bool master = lowp == Lowp::master || lowp == Lowp::remainder;
+    void* const ptr[kSlots] = {t.w, const_cast<void*>(t.g), t.m, t.acc, t.avg, master ? t.master : nullptr};
     const int vs = var_size(c), ss = slot_size(c);
-    const int size[kSlots] = {vs, vs, ss, ss, ss};
-    launch_add(meta, ptr, size, t.numel, aux, flags, scalars);
+    const int size[kSlots] = {vs, vs, ss, ss, ss, lowp == Lowp::remainder ? 2 : 4};
+    launch_add(meta, ptr, size, t.numel, aux, flags, t.ts.random_stream, scalars);
   }
 
   std::vector<Launch> storage_;  // grows to the largest step seen, never shrinks

@@ -416,3 +416,115 @@ def test_every_step_kind_over_a_long_run(momentum, nesterov):
     for i, (c, g) in enumerate(zip(cpu_vars, gpu_vars)):
         assert_same_bits(c, g, f"long run, variable {i}")
     assert_slots_equal(cpu_opt, gpu_opt, exact=True, dtype_name="float32")
+
+
+# ---- 16-bit variables: master weights, remainders, stochastic rounding ---------------------------
+
+LOWP_MODES = {
+    "stochastic": {"stochastic_rounding": True, "seed": 7},
+    "master": {"master_weights": "float32"},
+    "master_stochastic": {"master_weights": "float32", "stochastic_rounding": True, "seed": 1234},
+    "remainder": {"master_weights": "remainder"},
+    "remainder_stochastic": {"master_weights": "remainder", "stochastic_rounding": True, "seed": 2**64 - 1},
+}
+LOWP_EXTRAS = {
+    "plain": {},
+    "momentum": {"momentum": 0.9},
+    "everything": {"momentum": 0.8, "nesterov": True, "weight_decay": 0.004, "clipvalue": 0.5,
+                   "loss_scale_factor": 4.0, "gradient_accumulation_steps": 2},
+}
+
+
+def _lowp_modes_for(dtype_name):
+    # Remainders hold a bfloat16 variable's low half: float16 variables refuse them.
+    return [m for m in LOWP_MODES if dtype_name == "bfloat16" or not m.startswith("remainder")]
+
+
+@pytest.mark.parametrize("extra", list(LOWP_EXTRAS))
+@pytest.mark.parametrize("dtype_name,mode", [(d, m) for d in ("float16", "bfloat16") for m in _lowp_modes_for(d)])
+def test_low_precision_modes_bit_exact(dtype_name, mode, extra):
+    kw = {**LOWP_MODES[mode], **LOWP_EXTRAS[extra]}
+    cpu_opt, gpu_opt, cpu_vars, gpu_vars = run_twins(kw, dtype_name, steps=7, none_every=3)
+    for i, (c, g) in enumerate(zip(cpu_vars, gpu_vars)):
+        assert_same_bits(c, g, f"{mode}/{extra}/{dtype_name} variable {i}")
+    assert_slots_equal(cpu_opt, gpu_opt, exact=True, dtype_name=dtype_name)
+    if mode.startswith(("master", "remainder")):
+        assert ("master" if mode.startswith("master") else "remainder") in gpu_opt.state_dict()["slots"]
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_stochastic_rounding_with_variable_dtype_slots_bit_exact(dtype_name):
+    cpu_opt, gpu_opt, cpu_vars, gpu_vars = run_twins({**LOWP_MODES["stochastic"], "momentum": 0.9}, dtype_name,
+                                                     slot_dtype="variable")
+    for i, (c, g) in enumerate(zip(cpu_vars, gpu_vars)):
+        assert_same_bits(c, g, f"stochastic/{dtype_name}/variable slots, variable {i}")
+    assert_slots_equal(cpu_opt, gpu_opt, exact=True, dtype_name=dtype_name)
+
+
+@pytest.mark.parametrize("mode", ["stochastic", "master_stochastic", "remainder_stochastic"])
+def test_low_precision_misaligned_views_bit_exact(mode):
+    keep = []
+
+    def misaligned(t):
+        base = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+        keep.append(base)
+        view = base[1:].view(t.shape)
+        view.copy_(t.cuda())
+        return view
+
+    _, _, cpu_vars, gpu_vars = run_twins({**LOWP_MODES[mode], "momentum": 0.9}, "bfloat16",
+                                         make_gpu_var=misaligned)
+    for i, (c, g) in enumerate(zip(cpu_vars, gpu_vars)):
+        assert_same_bits(c, g, f"misaligned {mode} variable {i}")
+
+
+@pytest.mark.parametrize("form", ["float32", "remainder"])
+def test_low_precision_torch_convention_with_caller_owned_slots(form):
+    # torch's rule with L2 decay and dampening, and master/remainder slots the caller owns.
+    core = fastsgd._core
+    master_form = core.MasterForm.float32 if form == "float32" else core.MasterForm.remainder
+    kind = core.SlotKind.master if form == "float32" else core.SlotKind.remainder
+    cpu, gpu = _engine_pair(core.Convention.torch,
+                            [core.Group(learning_rate=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01)],
+                            master_weights=master_form, stochastic_rounding=True, seed=42, caller_owned_slots=True)
+    gen = torch.Generator().manual_seed(21)
+    shapes = [(16385,), (7,), (33, 65)]
+    init = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
+    cpu_vars = [t.clone() for t in init]
+    gpu_vars = [t.clone().cuda() for t in init]
+    # The caller starts a master as the widened variable, a remainder at zero (as the engine does).
+    cpu_masters = [t.float() if form == "float32" else torch.zeros_like(t) for t in init]
+    gpu_masters = [m.cuda() for m in cpu_masters]
+    cpu_moms = [torch.zeros(s) for s in shapes]
+    gpu_moms = [m.cuda() for m in cpu_moms]
+    cpu.build(cpu_vars)
+    gpu.build(gpu_vars)
+    for step in range(5):
+        grads = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
+        fresh = [step == 0] * len(shapes)
+        cpu.step(grads, slots={core.SlotKind.momentum: cpu_moms, kind: cpu_masters}, fresh_momentum=fresh)
+        gpu.step([g.cuda() for g in grads], slots={core.SlotKind.momentum: gpu_moms, kind: gpu_masters},
+                 fresh_momentum=fresh)
+    torch.cuda.synchronize()
+    for i in range(len(shapes)):
+        assert_same_bits(cpu_vars[i], gpu_vars[i], f"variable {i}")
+        assert_same_bits(cpu_masters[i], gpu_masters[i], f"{form} slot {i}")
+        assert_same_bits(cpu_moms[i], gpu_moms[i], f"momentum slot {i}")
+    assert not gpu.has_slot(kind)  # the engine allocated nothing
+
+
+def test_engine_owned_master_starts_as_the_variable_on_cuda():
+    init = [torch.randn(1000, generator=torch.Generator().manual_seed(2)).half()]
+    gpu_vars = [t.cuda() for t in init]
+    opt = fastsgd.SGD(learning_rate=LR, master_weights="float32")
+    opt.build(gpu_vars)
+    master = np.asarray(opt.state_dict()["slots"]["master"][0])
+    np.testing.assert_array_equal(master.view(np.uint32), init[0].float().numpy().view(np.uint32))
+
+
+def test_low_precision_refusals_on_cuda_change_nothing():
+    v = torch.randn(10).half().cuda()
+    with pytest.raises(ValueError, match="needs bfloat16 variables"):
+        fastsgd.SGD(learning_rate=LR, master_weights="remainder").build([v])
+    with pytest.raises(ValueError, match="use_ema"):
+        fastsgd.SGD(learning_rate=LR, stochastic_rounding=True, use_ema=True)

@@ -274,10 +274,6 @@ void SGD::build(const std::vector<TensorView>& variables, const std::vector<bool
     }
   }
   check_overlaps(intervals);
-  // The CUDA functor has no low-precision storage forms yet: refuse rather than ignore them.
-  if (device.kind == DeviceKind::cuda && (options_.master_weights || options_.stochastic_rounding))
-    throw ValueError(std::string("`") + (options_.master_weights ? "master_weights" : "stochastic_rounding") +
-                     "` is not available for CUDA variables yet (CPU only in this version)");
 
   auto impl = std::make_unique<Impl>();
   impl->device = device;
@@ -294,8 +290,10 @@ void SGD::build(const std::vector<TensorView>& variables, const std::vector<bool
                                         : nullptr);
     }
     // A float32 master starts as its variable's value (a remainder as zeros: the variable's
-    // bits with a zero low half are the master exactly).
-    if (void* master = impl->slots[int(SlotKind::master)][i]) {
+    // bits with a zero low half are the master exactly). Through the host, so that every
+    // backend widens with the same to_float; an empty variable may have no data to copy.
+    void* master = impl->slots[int(SlotKind::master)][i];
+    if (master && variables[i].numel > 0) {
       const TensorView& v = variables[i];
       std::vector<uint16_t> bits(size_t(v.numel));
       std::vector<float> wide(size_t(v.numel));
@@ -544,7 +542,9 @@ void SGD::plan_step(const StepRequest& r, bool update_call, bool touches_all) {
     t.ts.momentum = g.momentum;
     t.ts.dampening = g.dampening;
     t.ts.weight_decay = decays_[i] ? g.weight_decay : 0.0;
-    t.ts.decay_l2 = decay_form_of(g, o.convention) == DecayForm::l2;
+    // No L2 term without weight decay: fma(w, 0, g) is not g for an infinite w or g = -0, and
+    // the 16-bit update passes always run the decay (the others skip it at weight decay 0).
+    t.ts.decay_l2 = t.ts.weight_decay != 0.0 && decay_form_of(g, o.convention) == DecayForm::l2;
     t.ts.maximize = g.maximize;
     if (const std::optional<SlotKind> master = master_slot_for(t.var_dtype, o)) {
       t.form = *master == SlotKind::master ? detail::VarForm::master : detail::VarForm::remainder;

@@ -9,6 +9,9 @@
 //   * passes without a norm clip: every buffer bit for bit (all pass kinds, momentum kinds,
 //     window merging, EMA, clipvalue, weight decay, loss scale, all six storage combinations,
 //     misaligned buffers, tails, many tensors per launch and many launches);
+//   * 16-bit variables with master weights (float32 or remainder) and stochastic rounding:
+//     several steps of a planned optimizer, every buffer bit for bit after each step, and the
+//     random bits across a 2^32-element segment boundary;
 //   * with clipnorm / global_clipnorm: the norm stages' clip coefficients within 1e-12 of the
 //     CPU's (both sum in double, in different orders), the update with the CPU's coefficients
 //     bit for bit, and the full emulated step within a few units in the last place.
@@ -472,6 +475,369 @@ void compare_measure(const Case& c, const World& world, int i) {
   same_bits(c, world, gpu_w, "buffers after measure", i);
 }
 
+// ---- 16-bit variables: master weights, remainders, stochastic rounding ----------------------
+//
+// Several steps of one optimizer, planned as sgd.cpp's plan_step plans them (forms, slots,
+// random streams per raw step, stepless for remainders, torch's fresh momentum, accumulation
+// windows, clipvalue, loss scale, per-tensor clipnorm with the CPU's measured sums), run by
+// the CPU engine and by the emulated CUDA backend from the same buffers; after every step
+// every buffer must hold the same bits.
+
+enum class LowpMode { plain_sr, master, master_sr, remainder, remainder_sr };
+const char* const kLowpModeNames[] = {"plain+SR", "master", "master+SR", "remainder", "remainder+SR"};
+
+struct LowpTensor {
+  DType var, slot;
+  int64_t numel;
+  int group;
+  bool decays;
+  size_t misalign;  // bytes, of every buffer of the tensor
+};
+
+struct LowpCase {
+  Convention rule = Convention::keras;
+  LowpMode mode = LowpMode::plain_sr;
+  uint64_t seed = 0;
+  int window = 0;  // gradient_accumulation_steps (0: none)
+  double grad_scale = 1.0, clip_value = 0.0, clipnorm = 0.0;
+  int steps = 3;
+  double special_rate = 0.0;
+  std::vector<GroupSpec> groups;
+  std::vector<LowpTensor> tensors;
+  std::string describe() const {
+    char s[256];
+    const GroupSpec& g = groups[0];
+    std::snprintf(s, sizeof(s),
+                  "lowp %s rule=%d tensors=%zu window=%d gs=%g cv=%g clipnorm=%g lr=%g mom=%g nest=%d damp=%g wd=%g "
+                  "l2=%d max=%d",
+                  kLowpModeNames[int(mode)], int(rule), tensors.size(), window, grad_scale, clip_value, clipnorm,
+                  g.lr, g.momentum, int(g.nesterov), g.dampening, g.wd, int(g.l2), int(g.maximize));
+    return s;
+  }
+};
+
+bool is_16bit(DType t) { return t == DType::float16 || t == DType::bfloat16; }
+
+LowpCase random_lowp_case(std::mt19937_64& rng, int index) {
+  auto coin = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
+  auto pick = [&](int n) { return std::uniform_int_distribution<int>(0, n - 1)(rng); };
+  LowpCase c;
+  c.rule = index % 2 ? Convention::torch : Convention::keras;
+  c.mode = LowpMode(index / 2 % 5);
+  const bool remainder = c.mode == LowpMode::remainder || c.mode == LowpMode::remainder_sr;
+  const bool master = c.mode != LowpMode::plain_sr;
+  c.seed = rng();
+  c.window = coin(0.3) ? 2 + pick(2) : 0;
+  c.grad_scale = coin(0.3) ? 1.0 / 1024.0 : 1.0;
+  if (coin(0.3)) c.clip_value = std::uniform_real_distribution<double>(0.01, 2.0)(rng);
+  else if (coin(0.2)) c.clipnorm = std::uniform_real_distribution<double>(0.05, 20.0)(rng);
+  c.steps = 2 + pick(3);
+  c.special_rate = coin(0.3) ? 0.005 : 0.0;
+  const int n_groups = 1 + pick(2);
+  for (int g = 0; g < n_groups; ++g) c.groups.push_back(random_group(rng, c.rule));
+  static const int64_t sizes[] = {1, 3, 4, 5, 31, 511, 2049, gpu::kChunk - 1, gpu::kChunk, gpu::kChunk + 3,
+                                  2 * gpu::kChunk + 13};
+  const int n = (index % 17 == 0) ? 130 + pick(10) : 1 + pick(6);
+  for (int t = 0; t < n; ++t) {
+    LowpTensor x;
+    // Mostly 16-bit variables; float32 ones beside them keep the common path in the same step.
+    x.var = remainder ? DType::bfloat16 : (coin(0.5) ? DType::bfloat16 : DType::float16);
+    if (coin(0.15)) x.var = DType::float32;
+    // Masters exist only with float32 slots; plain stochastic rounding also with 16-bit slots.
+    x.slot = (master || x.var == DType::float32 || coin(0.5)) ? DType::float32 : x.var;
+    x.numel = n > 100 ? 1 + pick(700) : sizes[pick(int(sizeof(sizes) / sizeof(sizes[0])))];
+    x.group = pick(n_groups);
+    x.decays = coin(0.8);
+    x.misalign = coin(0.25) ? 2 * size_t(1 + pick(3)) : 0;
+    c.tensors.push_back(x);
+  }
+  return c;
+}
+
+// One copy of the optimizer's buffers: w g m acc master per tensor.
+struct LowpWorld {
+  std::vector<Buffer> bufs;
+  Buffer& at(size_t tensor, int k) { return bufs[tensor * 5 + size_t(k)]; }
+  const Buffer& at(size_t tensor, int k) const { return bufs[tensor * 5 + size_t(k)]; }
+};
+enum : int { kLw = 0, kLg = 1, kLm = 2, kLacc = 3, kLmaster = 4 };
+
+detail::VarForm lowp_form(const LowpCase& c, DType var) {
+  if (!is_16bit(var) || c.mode == LowpMode::plain_sr) return detail::VarForm::plain;
+  return (c.mode == LowpMode::remainder || c.mode == LowpMode::remainder_sr) ? detail::VarForm::remainder
+                                                                              : detail::VarForm::master;
+}
+
+bool lowp_stochastic(const LowpCase& c) {
+  return c.mode == LowpMode::plain_sr || c.mode == LowpMode::master_sr || c.mode == LowpMode::remainder_sr;
+}
+
+void make_lowp_world(const LowpCase& c, std::mt19937_64& rng, LowpWorld& world) {
+  world.bufs.assign(c.tensors.size() * 5, Buffer{});
+  for (size_t i = 0; i < c.tensors.size(); ++i) {
+    const LowpTensor& x = c.tensors[i];
+    const GroupSpec& g = c.groups[size_t(x.group)];
+    const size_t n = size_t(x.numel);
+    world.at(i, kLw).make(n * size_t(dtype_size(x.var)), x.misalign);
+    fill(world.at(i, kLw).p, x.var, x.numel, rng, c.special_rate);
+    world.at(i, kLg).make(n * size_t(dtype_size(x.var)), x.misalign);
+    if (g.momentum != 0.0) {
+      world.at(i, kLm).make(n * size_t(dtype_size(x.slot)), x.misalign);
+      fill(world.at(i, kLm).p, x.slot, x.numel, rng, 0.0);
+    }
+    if (c.window >= 2) {
+      world.at(i, kLacc).make(n * size_t(dtype_size(x.slot)), x.misalign);
+      fill(world.at(i, kLacc).p, x.slot, x.numel, rng, 0.0);
+    }
+    const detail::VarForm form = lowp_form(c, x.var);
+    if (form == detail::VarForm::master) {
+      // A master near its variable, as training leaves it: the widened variable plus a little.
+      Buffer& m = world.at(i, kLmaster);
+      m.make(n * 4, x.misalign);
+      for (size_t e = 0; e < n; ++e) {
+        const float v = float(as_double(world.at(i, kLw).p, x.var, int64_t(e)));
+        const float nudge = std::uniform_real_distribution<float>(-1.0f, 1.0f)(rng) * 4e-3f;
+        reinterpret_cast<float*>(m.p)[e] = v + v * nudge;
+      }
+    } else if (form == detail::VarForm::remainder) {
+      // Any 16 bits beside any bfloat16 variable are a valid (variable, remainder) pair.
+      Buffer& m = world.at(i, kLmaster);
+      m.make(n * 2, x.misalign);
+      for (size_t e = 0; e < n; ++e) reinterpret_cast<uint16_t*>(m.p)[e] = uint16_t(rng());
+    }
+  }
+}
+
+void copy_lowp_world(const LowpWorld& from, LowpWorld& to, const LowpCase& c) {
+  to.bufs.assign(from.bufs.size(), Buffer{});
+  for (size_t i = 0; i < c.tensors.size(); ++i)
+    for (int k = 0; k < 5; ++k) {
+      const Buffer& a = from.at(i, k);
+      if (!a.p) continue;
+      to.at(i, k).make(a.bytes, c.tensors[i].misalign);
+      std::memcpy(to.at(i, k).p, a.p, a.bytes);
+    }
+}
+
+// The plan of raw step `step` over `world`, as sgd.cpp's plan_step makes it. `has_grad[i]`:
+// tensor i has a gradient this call; `started[i]`: its torch momentum slot has started.
+StepPlan plan_lowp_step(const LowpCase& c, LowpWorld& world, int64_t step, const std::vector<bool>& has_grad,
+                        const std::vector<bool>& started) {
+  const bool accumulating = c.window >= 2;
+  const bool update_call = !accumulating || step % c.window == c.window - 1;
+  const bool touches_all = accumulating && update_call;
+  StepPlan plan;
+  StepScalars& s = plan.scalars;
+  s.grad_scale = c.grad_scale;
+  s.window = (accumulating && update_call) ? double(c.window) : 1.0;
+  s.clip_value = c.clip_value;
+  s.merge_window = accumulating && update_call;
+  s.reset_accumulator = accumulating && update_call;
+  plan.features.merge_window = s.merge_window;
+  plan.features.grad_transforms = s.grad_scale != 1.0 || s.clip_value > 0;
+  plan.norm_clip = (update_call && c.clipnorm > 0) ? NormClip::per_tensor : NormClip::none;
+  plan.clipnorm = c.clipnorm;
+  plan.features.norm_clip = plan.norm_clip != NormClip::none;
+  for (size_t i = 0; i < c.tensors.size(); ++i) {
+    const LowpTensor& x = c.tensors[i];
+    const GroupSpec& g = c.groups[size_t(x.group)];
+    PassTask t;
+    if (has_grad[i]) t.kind = update_call ? PassKind::update : PassKind::accumulate;
+    else if (touches_all) t.kind = PassKind::idle;
+    else continue;
+    t.index = i;
+    t.rule = c.rule;
+    t.momentum = g.momentum == 0.0 ? MomentumKind::none : g.nesterov ? MomentumKind::nesterov : MomentumKind::heavy_ball;
+    t.var_dtype = x.var;
+    t.slot_dtype = x.slot;
+    t.numel = x.numel;
+    t.w = world.at(i, kLw).p;
+    t.g = has_grad[i] ? world.at(i, kLg).p : nullptr;
+    t.m = t.momentum != MomentumKind::none ? world.at(i, kLm).p : nullptr;
+    t.acc = world.at(i, kLacc).p;
+    t.ts.learning_rate = update_call ? g.lr : 0.0;
+    t.ts.momentum = g.momentum;
+    t.ts.dampening = g.dampening;
+    t.ts.weight_decay = x.decays ? g.wd : 0.0;
+    t.ts.decay_l2 = g.l2 && t.ts.weight_decay != 0.0;  // as sgd.cpp: no L2 term without decay
+    t.ts.maximize = g.maximize;
+    t.form = lowp_form(c, x.var);
+    if (t.form != detail::VarForm::plain) t.master = world.at(i, kLmaster).p;
+    if (lowp_stochastic(c) && is_16bit(x.var)) {
+      t.stochastic = true;
+      const bool stepless = t.form == detail::VarForm::remainder;
+      t.ts.random_stream = math::random_stream(c.seed, stepless ? math::kStepless : uint64_t(step), i);
+    }
+    if (c.rule == Convention::torch && t.momentum != MomentumKind::none) t.ts.fresh_momentum = !started[i];
+    plan.tasks.push_back(t);
+  }
+  return plan;
+}
+
+// Every buffer bit for bit; NaN payloads aside (see same_bits), a remainder compared as the
+// float32 master it forms with its variable.
+bool same_lowp_bits(const LowpCase& c, const LowpWorld& a, const LowpWorld& b, int64_t step, int case_index) {
+  static const char* names[5] = {"w", "g", "m", "acc", "master/remainder"};
+  for (size_t i = 0; i < c.tensors.size(); ++i) {
+    const LowpTensor& x = c.tensors[i];
+    const detail::VarForm form = lowp_form(c, x.var);
+    for (int k = 0; k < 5; ++k) {
+      const Buffer& u = a.at(i, k);
+      const Buffer& v = b.at(i, k);
+      if (!u.p || std::memcmp(u.p, v.p, u.bytes) == 0) continue;
+      const DType t = k == kLw || k == kLg ? x.var : (k == kLmaster ? DType::float32 : x.slot);
+      for (int64_t e = 0; e < x.numel; ++e) {
+        double p, q;
+        if (k == kLmaster && form == detail::VarForm::remainder) {
+          auto joined = [&](const LowpWorld& w) {
+            const uint32_t hi = reinterpret_cast<const uint16_t*>(w.at(i, kLw).p)[e];
+            const uint32_t lo = reinterpret_cast<const uint16_t*>(w.at(i, kLmaster).p)[e];
+            return double(bits::bits_float(hi << 16 | lo));
+          };
+          if (reinterpret_cast<const uint16_t*>(u.p)[e] == reinterpret_cast<const uint16_t*>(v.p)[e]) continue;
+          p = joined(a);
+          q = joined(b);
+        } else {
+          const size_t es = size_t(dtype_size(t));
+          if (std::memcmp(u.p + size_t(e) * es, v.p + size_t(e) * es, es) == 0) continue;
+          p = as_double(u.p, t, e);
+          q = as_double(v.p, t, e);
+        }
+        if (std::isnan(p) && std::isnan(q)) continue;
+        CHECK(false, "case %d (%s): step %lld tensor %zu (%s/%s, n=%lld) buffer %s differs at %lld: cpu %.9g, cuda %.9g",
+              case_index, c.describe().c_str(), (long long)step, i, dtype_name(x.var), dtype_name(x.slot),
+              (long long)x.numel, names[k], (long long)e, p, q);
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+void run_lowp_case(const LowpCase& c, std::mt19937_64& rng, detail::Backend& cpu, int case_index) {
+  LowpWorld cpu_world, cuda_world;
+  make_lowp_world(c, rng, cpu_world);
+  copy_lowp_world(cpu_world, cuda_world, c);
+  std::vector<bool> started(c.tensors.size(), false);
+  for (int64_t step = 0; step < c.steps; ++step) {
+    std::vector<bool> has_grad(c.tensors.size(), true);
+    for (size_t i = 0; i < c.tensors.size(); ++i) {
+      const LowpTensor& x = c.tensors[i];
+      if (c.tensors.size() > 1 && rng() % 7 == 0) has_grad[i] = false;
+      fill(cpu_world.at(i, kLg).p, x.var, x.numel, rng, c.special_rate);
+      std::memcpy(cuda_world.at(i, kLg).p, cpu_world.at(i, kLg).p, cpu_world.at(i, kLg).bytes);
+    }
+    if (std::none_of(has_grad.begin(), has_grad.end(), [](bool b) { return b; })) has_grad[0] = true;
+    StepPlan cpu_plan = plan_lowp_step(c, cpu_world, step, has_grad, started);
+    StepPlan cuda_plan = plan_lowp_step(c, cuda_world, step, has_grad, started);
+    if (cpu_plan.norm_clip != NormClip::none) {
+      // Coefficients from the same sums (the device's own differ in the last bits).
+      cpu.measure(cpu_plan);
+      cpu_plan.measured_valid = cuda_plan.measured_valid = true;
+      cuda_plan.measured = cpu_plan.measured;
+    }
+    cpu.execute(cpu_plan);
+    const bool host_clip = gpu::host_clip_coefficients(cuda_plan);
+    CHECK(host_clip == (cuda_plan.norm_clip != NormClip::none), "case %d: host clip coefficients", case_index);
+    gpu::StepLaunches launches;
+    launches.build(cuda_plan, false);
+    Scratch scratch;
+    HostRunner r = scratch.runner(launches);
+    gpu::run_step(launches, r);
+    check_packing(launches, cuda_plan);
+    if (!same_lowp_bits(c, cpu_world, cuda_world, step, case_index)) return;
+    for (const PassTask& t : cpu_plan.tasks)
+      if (t.kind == PassKind::update && t.momentum != MomentumKind::none) started[t.index] = true;
+  }
+}
+
+// Random bits across a 2^32-element segment boundary: blocks own chunks of a tensor of
+// 2^32 + 40 elements, of which only the two chunks around element 2^32 are backed (the
+// pointers are based so that only they are touched), for every form, against the CPU's
+// lowp_update_pass spelled with math.h element by element.
+void check_segment_boundary() {
+  constexpr int64_t kFirst = (int64_t(1) << 32) - gpu::kChunk;
+  constexpr int64_t kNumel = (int64_t(1) << 32) + 40;
+  constexpr int kCount = int(kNumel - kFirst);
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int before = failures;
+  for (int form = 0; form < 3; ++form) {
+    for (int stochastic = form == 0 ? 1 : 0; stochastic < 2; ++stochastic) {
+      std::vector<bfloat16_t> w(kCount), g(kCount), expect(kCount);
+      std::vector<float> master(kCount), expect_master(kCount);
+      std::vector<uint16_t> rem(kCount), expect_rem(kCount);
+      for (int e = 0; e < kCount; ++e) {
+        master[size_t(e)] = normal(rng);
+        w[size_t(e)] = to_bfloat16(master[size_t(e)]);
+        rem[size_t(e)] = uint16_t(rng());
+        g[size_t(e)] = to_bfloat16(normal(rng));
+      }
+      detail::PassTask t;
+      t.var_dtype = DType::bfloat16;
+      t.numel = kNumel;
+      t.w = w.data() - kFirst;
+      t.g = g.data() - kFirst;
+      t.form = detail::VarForm(form);
+      t.master = form == 1 ? static_cast<void*>(master.data() - kFirst)
+                           : (form == 2 ? static_cast<void*>(rem.data() - kFirst) : nullptr);
+      t.stochastic = stochastic != 0;
+      t.ts.learning_rate = 0.25;
+      t.ts.random_stream = 0x9e3779b97f4a7c15ull * uint64_t(form + 1);
+      const math::Coeffs<float> k = math::make_coeffs<float>(StepScalars{}, t.ts);
+      for (int e = 0; e < kCount; ++e) {
+        const int64_t i = kFirst + e;
+        const uint32_t key = math::segment_key(t.ts.random_stream, i), j = uint32_t(i);
+        bfloat16_t v = w[size_t(e)];
+        uint16_t lo = rem[size_t(e)];
+        float x = form == 1 ? master[size_t(e)]
+                 : form == 2 ? (stochastic ? math::remainder_join<true>(v, lo, key, j) : math::remainder_join<false>(v, lo, key, j))
+                             : to_float(v);
+        float m = 0, acc = 0, avg = 0;
+        math::update<float, Convention::keras, MomentumKind::none, false, true, false>(x, to_float(g[size_t(e)]), m,
+                                                                                       acc, avg, k);
+        if (form == 2) {
+          if (stochastic) math::remainder_split<true>(x, v, lo, key, j);
+          else math::remainder_split<false>(x, v, lo, key, j);
+        } else if (stochastic) {
+          math::store_rounded<true>(v, x, math::random16(key, j));
+        } else {
+          math::store_rounded<false>(v, x, 0u);
+        }
+        expect[size_t(e)] = v;
+        expect_master[size_t(e)] = x;
+        expect_rem[size_t(e)] = lo;
+      }
+      StepPlan plan;
+      plan.tasks.push_back(t);
+      gpu::StepLaunches launches;
+      launches.build(plan, false);
+      CHECK(launches.pass_count == 1, "segment boundary: %zu launches", launches.pass_count);
+      const gpu::Launch& l = launches.pass(0);
+      gpu::visit_combo(l.combo, [&](auto wt, auto st) {
+        using W = typename decltype(wt)::type;
+        using S = typename decltype(st)::type;
+        gpu::visit_pass<W, S>(gpu::variant_of(l, plan.features), [&](auto ft) {
+          using F = typename decltype(ft)::type;
+          for (int64_t b = kFirst / gpu::kChunk; b < gpu::launch_chunks(l.meta); ++b)
+            for (int tid = 0; tid < gpu::kBlockThreads; ++tid) F::block(l.meta, b, tid, plan.scalars, nullptr);
+        });
+      });
+      for (int e = 0; e < kCount; ++e) {
+        const bool ok = w[size_t(e)].bits == expect[size_t(e)].bits &&
+                        (form != 1 || bits::float_bits(master[size_t(e)]) == bits::float_bits(expect_master[size_t(e)])) &&
+                        (form != 2 || rem[size_t(e)] == expect_rem[size_t(e)]);
+        if (!ok) {
+          CHECK(false, "segment boundary form=%d stochastic=%d element 2^32%+lld: %04x, expected %04x", form,
+                stochastic, (long long)(kFirst + e - (int64_t(1) << 32)), w[size_t(e)].bits, expect[size_t(e)].bits);
+          break;
+        }
+      }
+    }
+  }
+  std::printf("lowp segment boundary: %s\n", failures == before ? "ok" : "FAILED");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -552,6 +918,15 @@ int main(int argc, char** argv) {
   }
   std::printf("%d cases (%d torch rule; %d element-wise bit-exact, %d norm-clipped): %s\n", cases, torch, bitwise,
               clipped, failures ? "FAILED" : "ok");
+  const int before_lowp = failures;
+  const int lowp_cases = cases / 2 > 20 ? cases / 2 : 20;
+  for (int i = 0; i < lowp_cases; ++i) {
+    const LowpCase c = random_lowp_case(rng, i);
+    run_lowp_case(c, rng, *cpu, i);
+  }
+  std::printf("%d 16-bit storage cases (every mode, both rules, several steps each): %s\n", lowp_cases,
+              failures == before_lowp ? "ok" : "FAILED");
+  check_segment_boundary();
   if (failures) std::printf("%d failure(s)\n", failures);
   return failures ? 1 : 0;
 }

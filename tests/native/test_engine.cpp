@@ -958,6 +958,32 @@ void iterations_at_the_limit() {
 
 }  // namespace
 
+// Without weight decay there is no L2 term, on the 16-bit update passes as on the others
+// (which skip the decay): torch's SGD adds nothing, so an infinite weight stays infinite (not
+// inf * 0 = NaN) and a -0 gradient starts the momentum buffer at -0. The 16-bit passes run the
+// decay whenever a gradient transform is active (here the loss scale).
+void no_l2_term_without_decay() {
+  for (int form = 0; form < 3; ++form) {
+    Options o;
+    o.convention = Convention::torch;
+    o.group.momentum = 0.9;
+    o.loss_scale_factor = 2.0;
+    if (form == 1) o.master_weights = MasterForm::float32;
+    if (form == 2) o.master_weights = MasterForm::remainder;
+    o.stochastic_rounding = form == 0;
+    std::vector<bfloat16_t> w{to_bfloat16(INFINITY), to_bfloat16(1.0f)}, g{to_bfloat16(1.0f), to_bfloat16(-0.0f)};
+    SGD sgd(o);
+    sgd.build({{w.data(), 2, DType::bfloat16}});
+    sgd.step({{w.data(), 2, DType::bfloat16}}, {{g.data(), 2, DType::bfloat16}}, 0.5);
+    float m[2];
+    sgd.read_slot(SlotKind::momentum, 0, m);
+    CHECK_MSG(w[0].bits == to_bfloat16(INFINITY).bits, "form %d: an infinite weight became %g", form,
+              double(to_float(w[0])));
+    CHECK_MSG(bits::float_bits(m[1]) == bits::float_bits(-0.0f), "form %d: momentum from a -0 gradient is %g", form,
+              double(m[1]));
+  }
+}
+
 int main() {
   keras_plain();
   keras_momentum();
@@ -984,5 +1010,6 @@ int main() {
   validation_messages();
   iterations_at_the_limit();
   refused_step_allocates_nothing();
+  no_l2_term_without_decay();
   return check::finish("test_engine");
 }
