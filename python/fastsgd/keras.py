@@ -21,10 +21,10 @@ import keras
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from . import _core
+from ._lowp import check_lowp_options
 
 __all__ = ["SGD"]
 
-_MASTER_FORMS = ("float32", "remainder")
 _LOWP = ("float16", "bfloat16")
 
 
@@ -139,14 +139,7 @@ class SGD(keras.optimizers.SGD):
     ) -> None:
         _require_torch_backend()
         # fastsgd.SGD's checks and wording, before Keras's constructor runs.
-        if master_weights is not None and (not isinstance(master_weights, str) or master_weights not in _MASTER_FORMS):
-            raise ValueError(f"`master_weights` must be None, 'float32' or 'remainder', got {master_weights!r}")
-        if not isinstance(stochastic_rounding, bool):
-            raise TypeError(f"`stochastic_rounding` must be a bool, got {stochastic_rounding!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"`seed` must be an int in [0, 2**64), got {seed!r}")
-        if not 0 <= seed < 2**64:
-            raise ValueError(f"`seed` must be an int in [0, 2**64), got {seed!r}")
+        master_weights, stochastic_rounding, seed = check_lowp_options(master_weights, stochastic_rounding, seed)
         super().__init__(
             learning_rate=learning_rate,
             momentum=momentum,

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 
 from . import _core, schedules
+from ._lowp import check_lowp_options
 
 _SLOT_KINDS = {"momentum": _core.SlotKind.momentum, "average": _core.SlotKind.average,
                "accumulator": _core.SlotKind.accumulator, "master": _core.SlotKind.master,
@@ -280,15 +281,8 @@ class SGD:
             raise ValueError(f"`slot_dtype` must be 'float32' or 'variable', got {slot_dtype!r}")
         self.slot_dtype = slot_dtype
         self.skip_nonfinite = bool(skip_nonfinite)
-        if master_weights is not None and (not isinstance(master_weights, str) or master_weights not in _MASTER_FORMS):
-            raise ValueError(f"`master_weights` must be None, 'float32' or 'remainder', got {master_weights!r}")
-        self.master_weights = master_weights
-        self.stochastic_rounding = bool(stochastic_rounding)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise TypeError(f"`seed` must be an int in [0, 2**64), got {seed!r}")
-        if not 0 <= int(seed) < 2**64:
-            raise ValueError(f"`seed` must be an int in [0, 2**64), got {seed!r}")
-        self.seed = int(seed)
+        self.master_weights, self.stochastic_rounding, self.seed = check_lowp_options(
+            master_weights, stochastic_rounding, seed)
         self.name = name if name is not None else _auto_name("sgd")
 
         self._set_learning_rate(learning_rate, initial=True)

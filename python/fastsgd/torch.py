@@ -36,6 +36,7 @@ import torch
 from torch.optim.optimizer import Optimizer, _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import _core
+from ._lowp import check_lowp_options
 
 __all__ = ["SGD"]
 
@@ -154,14 +155,7 @@ def _float_arg(name: str, value: Any, allow_none: bool = True) -> Optional[float
 def _set_lowp_options(options: Any, master_weights: Any, stochastic_rounding: Any, seed: Any) -> None:
     """Checks the low-precision extras (fastsgd.SGD's wording) and writes them into ``options``.
     A float32 master makes every other slot of a 16-bit parameter float32 (the engine's rule)."""
-    if master_weights is not None and (not isinstance(master_weights, str) or master_weights not in _MASTER_FORMS):
-        raise ValueError(f"`master_weights` must be None, 'float32' or 'remainder', got {master_weights!r}")
-    if not isinstance(stochastic_rounding, bool):
-        raise TypeError(f"`stochastic_rounding` must be a bool, got {stochastic_rounding!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"`seed` must be an int in [0, 2**64), got {seed!r}")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"`seed` must be an int in [0, 2**64), got {seed!r}")
+    master_weights, stochastic_rounding, seed = check_lowp_options(master_weights, stochastic_rounding, seed)
     if master_weights is not None:
         options.master_weights = getattr(_core.MasterForm, master_weights)
         options.slots_in_variable_dtype = False
