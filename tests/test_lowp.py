@@ -216,6 +216,34 @@ def test_resume_reproduces_stochastic_rounding(form):
         np.testing.assert_array_equal(_bits(a), _bits(b))
 
 
+@pytest.mark.parametrize("saved_sr", [False, True])
+def test_remainder_state_refused_under_the_other_split(saved_sr):
+    """A remainder is the master's low half only under the rule that split it: a state saved
+    with (without) stochastic rounding is refused by an optimizer without (with) it, changing
+    nothing, and accepted by one with the same rule."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(300).astype(BF16)
+    g = (rng.standard_normal(300) * 0.01).astype(BF16)
+    src = fastsgd.SGD(learning_rate=0.1, master_weights="remainder", stochastic_rounding=saved_sr, seed=8)
+    for _ in range(3):
+        src.apply([g], [w])
+    state = src.state_dict()
+    assert state["remainder_split"] == ("stochastic" if saved_sr else "nearest")
+    other_w = w.copy()
+    other = fastsgd.SGD(learning_rate=0.1, master_weights="remainder", stochastic_rounding=not saved_sr, seed=8)
+    other.apply([g], [other_w])
+    before = other.state_dict()
+    with pytest.raises(ValueError, match="remainder_split"):
+        other.load_state_dict(state)
+    after = other.state_dict()
+    assert after["iterations"] == before["iterations"]
+    np.testing.assert_array_equal(after["slots"]["remainder"][0], before["slots"]["remainder"][0])
+    same = fastsgd.SGD(learning_rate=0.1, master_weights="remainder", stochastic_rounding=saved_sr)
+    same.load_state_dict(state)
+    with pytest.raises(ValueError, match="remainder_split"):
+        fastsgd.SGD(master_weights="remainder").load_state_dict({**state, "remainder_split": "up"})
+
+
 # ---- modes off, other dtypes, refusals ----------------------------------------------------------
 
 def test_wide_variables_are_unaffected_by_the_modes():

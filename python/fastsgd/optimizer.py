@@ -61,7 +61,9 @@ def _float_arg(name: str, value: Any) -> float:
 # Checkpoint limits: the raw counter is an int64 that every apply() increments, so a restored
 # value keeps 2**62 steps of headroom instead of wrapping negative one step later.
 _MAX_ITERATIONS = 2**62
-_STATE_KEYS = {"iterations", "learning_rate", "slots", "shapes", "slot_dtypes", "seed"}
+_STATE_KEYS = {"iterations", "learning_rate", "slots", "shapes", "slot_dtypes", "seed", "remainder_split"}
+# How remainders were split from their masters; joining under the other rule gives a different master.
+_REMAINDER_SPLITS = ("nearest", "stochastic")
 
 
 def _is_array_like(x: Any) -> bool:
@@ -664,8 +666,11 @@ class SGD:
         counter), ``learning_rate`` (for float rates), every slot in build order shaped like
         its variable (``slots[kind][i]``; ``master`` and ``remainder`` lists hold None for
         variables that are not 16-bit), the variables' ``shapes`` and the slots' ``slot_dtypes``,
-        which ``load_state_dict`` checks, and with stochastic rounding the ``seed``. Resuming from it gives bit-identical
-        results to never stopping. Before build, a state loaded earlier is returned as is."""
+        which ``load_state_dict`` checks, with stochastic rounding the ``seed``, and with remainder
+        slots their ``remainder_split`` ("nearest" or "stochastic"): a remainder is only the
+        master's low half under the rule (and seed) that split it, so a state is refused by an
+        optimizer whose rule differs. Resuming from it gives bit-identical results to never
+        stopping. Before build, a state loaded earlier is returned as is."""
         with self._lock:
             if not self.built and self._pending_state is not None:
                 return copy.deepcopy(self._pending_state)
@@ -691,6 +696,8 @@ class SGD:
                         arrays.append(arr.reshape(shape))
                         kind_dtypes.append(dtype)
                     state["slots"][kind] = arrays
+                    if kind == "remainder":
+                        state["remainder_split"] = self._remainder_split()
                     if kind not in _MASTER_KINDS:
                         dtypes = kind_dtypes
                 if dtypes is not None:
@@ -715,6 +722,12 @@ class SGD:
         the state is checked, copied and applied when the variables are known (by ``build`` or
         the first ``apply``, which then refuse a state that does not fit)."""
         normalized = self._check_state(state)
+        split = normalized.get("remainder_split")
+        if split is not None and split != self._remainder_split():
+            raise ValueError(f"state['remainder_split'] is {split!r}: its remainders were split "
+                             f"{'with' if split == 'stochastic' else 'without'} stochastic rounding, and joining them "
+                             f"under this optimizer's rule ({self._remainder_split()!r}) would change the masters; "
+                             f"construct the optimizer with stochastic_rounding={split == 'stochastic'}")
         with self._lock:
             if not self.built:
                 self._pending_state = normalized
@@ -724,6 +737,9 @@ class SGD:
                 self._lr = learning_rate
             if "seed" in normalized:
                 self.seed = normalized["seed"]
+
+    def _remainder_split(self) -> str:
+        return "stochastic" if self.stochastic_rounding else "nearest"
 
     @staticmethod
     def _check_state(state: Any) -> dict:
@@ -753,6 +769,11 @@ class SGD:
                     raise TypeError(f"state['shapes'][{i}] must be a list of non-negative ints, got {shape!r}")
                 checked.append([int(d) for d in shape])
             out["shapes"] = checked
+        if "remainder_split" in state:
+            split = state["remainder_split"]
+            if not isinstance(split, str) or split not in _REMAINDER_SPLITS:
+                raise ValueError(f"state['remainder_split'] must be 'nearest' or 'stochastic', got {split!r}")
+            out["remainder_split"] = split
         dtypes = state.get("slot_dtypes")
         if dtypes is not None:
             if not isinstance(dtypes, (list, tuple)) or not all(isinstance(d, str) for d in dtypes):
