@@ -6,6 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
+import fastsgd
 from fastsgd import _core
 
 torch = pytest.importorskip("torch", reason="torch is an optional test peer (pip install '.[test]')")
@@ -400,3 +401,16 @@ def test_refused_or_skipped_first_momentum_step_allocates_nothing():
     assert not engine.has_slot(SlotKind.momentum)
     engine.step([np.ones(3, np.float32)])
     assert engine.has_slot(SlotKind.momentum)
+
+
+@pytest.mark.parametrize("bad, error", [(1.5, TypeError), ("2", TypeError), (True, TypeError), (None, TypeError),
+                                        (-1, ValueError), (2**40, ValueError), (4097, ValueError)])
+def test_set_num_threads_refuses_what_is_not_a_thread_count(bad, error):
+    """set_num_threads takes an int in [0, 4096]; anything else is refused and the limit stays."""
+    fastsgd.set_num_threads(1)
+    try:
+        with pytest.raises(error, match="`threads` must be an int in"):
+            fastsgd.set_num_threads(bad)
+        assert fastsgd.cpu_info()["threads"] == 1
+    finally:
+        fastsgd.set_num_threads(0)

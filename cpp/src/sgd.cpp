@@ -164,12 +164,15 @@ void validate(const Options& o) {
   if (o.master_weights && *o.master_weights != MasterForm::float32 && *o.master_weights != MasterForm::remainder)
     throw ValueError("`master_weights` must be MasterForm.float32, MasterForm.remainder or None");
   if ((o.master_weights || o.stochastic_rounding) && o.use_ema)
-    throw ValueError(std::string("`") + (o.master_weights ? "master_weights" : "stochastic_rounding") +
-                     "` cannot be combined with `use_ema` (the moving average would bypass the master copy "
-                     "and the rounding); Received: use_ema=True");
+    throw ValueError(o.master_weights
+                         ? "`master_weights` cannot be combined with `use_ema` (the moving average would bypass "
+                           "the master copy); Received: use_ema=True"
+                         : "`stochastic_rounding` cannot be combined with `use_ema` (the moving average would "
+                           "bypass the rounding); Received: use_ema=True");
   if (o.master_weights && o.slots_in_variable_dtype)
     throw ValueError("`master_weights` keeps a float32 master, so the other slots are float32 too; it cannot be "
-                     "combined with `slots_in_variable_dtype`");
+                     "combined with slots in the variables' dtype (slot_dtype='variable', "
+                     "Options.slots_in_variable_dtype)");
   if (o.use_ema) {
     if (!(o.ema_momentum >= 0.0 && o.ema_momentum <= 1.0))
       throw ValueError("`ema_momentum` must be in the range [0, 1]. Received: ema_momentum=" + repr(o.ema_momentum));
@@ -265,9 +268,9 @@ void SGD::build(const std::vector<TensorView>& variables, const std::vector<bool
                        " but variables[0] is on " + device_name(device) +
                        "; one optimizer updates variables on one device");
     if (options_.master_weights && *options_.master_weights == MasterForm::remainder && v.dtype == DType::float16)
-      throw ValueError("`master_weights=MasterForm.remainder` needs bfloat16 variables (their float32 master is "
+      throw ValueError("`master_weights='remainder'` needs bfloat16 variables (their float32 master is "
                        "the variable's bits plus 16 more); " + describe("variables", i) +
-                       " is float16: use MasterForm.float32");
+                       " is float16: use master_weights='float32'");
     if (v.numel > 0) {
       const auto b = reinterpret_cast<uintptr_t>(v.data);
       intervals.push_back({b, b + uintptr_t(v.nbytes()), true, "variables", i});

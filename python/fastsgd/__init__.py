@@ -66,9 +66,16 @@ def cuda_info() -> dict[str, Any]:
 
 
 def set_num_threads(threads: int) -> None:
-    """Caps the CPU threads a step uses (0 restores FASTSGD_NUM_THREADS or the CPU count)."""
+    """Caps the CPU threads a step uses (0 restores FASTSGD_NUM_THREADS or the CPU count).
+    ``threads`` is an int in [0, 4096]; anything else raises TypeError/ValueError and changes nothing."""
+    import numpy as np
+
     from . import _core
 
+    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer)):
+        raise TypeError(f"`threads` must be an int in [0, 4096], got {threads!r}")
+    if not 0 <= int(threads) <= 4096:
+        raise ValueError(f"`threads` must be an int in [0, 4096], got {threads!r}")
     _core.set_num_threads(int(threads))
 
 
