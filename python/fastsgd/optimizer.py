@@ -802,7 +802,7 @@ class SGD:
                     raise TypeError(f"{kind} slot {i} must be a NumPy array, got {type(arr).__name__}")
                 a = np.array(_to_numpy(arr), copy=True, order="C")
                 if not (a.dtype.kind == "f" or a.dtype == np.uint16 or a.dtype.name == "bfloat16"):
-                    raise TypeError(f"{kind} slot {i} has dtype {a.dtype}; slots are floating point")
+                    raise TypeError(f"{kind} slot {i} has dtype {a.dtype}; slots are floating point (remainders uint16)")
                 copies.append(a)
             out["slots"][kind] = copies
         return out

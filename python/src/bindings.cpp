@@ -137,6 +137,13 @@ void import_numpy(py::handle obj, bool writable, const char* what, size_t i, Imp
 }
 
 // Validates a DLPack tensor and fills `out`.
+// A DLPack dtype as numpy/torch spell it (int16, uint8, ...), for refusals.
+std::string dlpack_dtype_name(const dlpack::DataType& d) {
+  static const char* const kinds[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
+  const std::string kind = d.code < 7 ? kinds[d.code] : "code " + std::to_string(d.code) + " ";
+  return kind + std::to_string(d.bits);
+}
+
 void from_dltensor(const dlpack::Tensor& t, bool writable, bool read_only_flag, const char* what, size_t i,
                    Imported& out) {
   if (writable && read_only_flag)
@@ -148,8 +155,8 @@ void from_dltensor(const dlpack::Tensor& t, bool writable, bool read_only_flag, 
   else if (t.dtype.code == dlpack::kFloat && t.dtype.bits == 16) dtype = DType::float16;
   else if (t.dtype.code == dlpack::kBfloat && t.dtype.bits == 16) dtype = DType::bfloat16;
   else
-    throw TypeError(where(what, i) + " has DLPack dtype (code " + std::to_string(t.dtype.code) + ", bits " +
-                    std::to_string(t.dtype.bits) + "); expected float16, bfloat16, float32 or float64");
+    throw TypeError(where(what, i) + " has dtype " + dlpack_dtype_name(t.dtype) +
+                    "; expected float16, bfloat16, float32 or float64");
   Device device;
   switch (t.device.device_type) {
     case dlpack::kCPU:
