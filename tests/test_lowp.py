@@ -311,3 +311,31 @@ def test_master_starts_from_the_variable_and_caller_owned_slots_change_in_place(
     assert rem.ctypes.data == ptr and np.any(rem.view(np.uint16) != 0)
     joined_hi = v.view(np.uint16).astype(np.uint32)
     assert np.all((joined_hi - (np.float32(1 - np.float32(1e-3)).view(np.uint32) >> 16)) <= 1)
+
+
+@pytest.mark.parametrize("form", ["float32", "remainder"])
+def test_outside_writes_are_overwritten_unless_masters_are_resynced(form):
+    """The update runs on the master: a variable written from outside is replaced by the next
+    step (a float32 master) or joined with a stale low half (a remainder), unless
+    resync_masters() takes the variables' values as the masters again; after it the step
+    moves from the written value exactly as a fresh optimizer would."""
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal(257).astype(BF16)
+    g = (rng.standard_normal(257) * 0.01).astype(BF16)
+    written = (rng.standard_normal(257) * 3).astype(BF16)
+    expect = written.copy()
+    fresh = fastsgd.SGD(learning_rate=0.5, master_weights=form)
+    fresh.apply([g], [expect])       # built on `written`: its master is `written` widened
+    opt = fastsgd.SGD(learning_rate=0.5, master_weights=form)
+    for _ in range(3):
+        opt.apply([g], [w])
+    w[...] = written
+    opt.apply([g], [w])
+    if form == "float32":            # runs from the old master: the write is lost
+        assert np.abs(w.astype(np.float32) - expect.astype(np.float32)).max() > 1.0
+    else:                            # joined with the old low halves: the write is kept, inexactly
+        assert not np.array_equal(_bits(w), _bits(expect))
+    w[...] = written
+    opt.resync_masters()
+    opt.apply([g], [w])
+    np.testing.assert_array_equal(_bits(w), _bits(expect))

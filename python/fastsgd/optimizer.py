@@ -608,6 +608,27 @@ class SGD:
         """Multiplies a loss by ``loss_scale_factor`` (gradients are divided by it in apply)."""
         return loss * self.loss_scale_factor if self.loss_scale_factor is not None else loss
 
+    def resync_masters(self) -> None:
+        """Takes every 16-bit variable's current value as its exact value again: a float32 master
+        becomes the variable widened, a remainder 0 (so variable and remainder join to that same
+        widened value), as at build. With ``master_weights`` the update runs on the master, so a
+        variable written from outside (model weights loaded, a best checkpoint restored) is
+        overwritten by the next step (float32 masters) or joined with a stale low half
+        (remainders) unless this is called first. Before build, or without masters, does nothing."""
+        with self._lock:
+            if not self.built or self.master_weights is None:
+                return
+            kind = "master" if self.master_weights == "float32" else "remainder"
+            code = _SLOT_KINDS[kind]
+            for i, v in enumerate(self._variables):
+                if not self._engine.has_slot(code, i):
+                    continue
+                if kind == "master":
+                    widened = v.detach().float().cpu().numpy() if _is_torch(v) else np.asarray(v).astype(np.float32)
+                    self._engine.write_slot(code, i, np.ascontiguousarray(widened.reshape(-1)))
+                else:
+                    self._engine.write_slot(code, i, np.zeros(int(np.prod(_shape_of(v), dtype=np.int64)), np.uint16))
+
     def finalize_variable_values(self, var_list: Iterable) -> None:
         """With ``use_ema``, copies each moving average into the variable at the same position
         of ``var_list`` (which must hold every built variable). Without EMA, does nothing."""
