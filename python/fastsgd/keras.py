@@ -18,6 +18,7 @@ import warnings
 from typing import Any, Optional
 
 import keras
+import numpy as np
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from . import _core
@@ -51,7 +52,7 @@ class _Native:
     """
 
     def __init__(self, engine: Any, signature: tuple, variables: list, slots: dict, ids: list,
-                 constrained: list, cuda_device: Optional[Any]) -> None:
+                 constrained: list, cuda_device: Optional[Any], lowp: list) -> None:
         self.engine = engine
         self.signature = signature      # hyper-parameters the engine was made with
         self.variables = variables      # build order: torch tensors of the model variables
@@ -59,7 +60,18 @@ class _Native:
         self.ids = ids                  # id() of each built keras.Variable, build order
         self.constrained = constrained  # built keras.Variables that have a constraint
         self.cuda_device = cuda_device  # torch.device when the variables live on CUDA
+        self.lowp = lowp                # torch tensors of the variables with a master, master order
         self.raw_iterations = 0         # what the engine's counter holds (mirrors `_iterations`)
+
+
+class _MasterSync:
+    """When the masters last matched the variables, by torch's version counters (a plain object,
+    so that Keras's attribute tracking does not walk the tuple at every step)."""
+
+    def __init__(self) -> None:
+        self.versions: tuple = ()  # the variables' ``_version``s then, master order
+        self.trust = False         # a state load wrote the masters: take the weights as they are
+        self.split = None          # the split record's value, (stochastic, seed bits)
 
 
 @keras.saving.register_keras_serializable(package="fastsgd")
@@ -98,14 +110,31 @@ class SGD(keras.optimizers.SGD):
       holding the same 16 bits: read it with ``.value.view(torch.uint16)``.
     * With either master, the momentums and accumulators of 16-bit variables are float32
       (Keras's SGD keeps them in the variable's dtype); names, order and count are unchanged,
-      and the masters come after them in ``optimizer.variables``, so ``model.save`` /
-      ``keras.models.load_model`` restore them. At the first ``apply`` (``iterations == 0``)
-      the masters are taken from the variables again, so weights set between ``build()``
-      and training are kept.
+      and the masters come after them in ``optimizer.variables`` (with remainders, then one
+      ``remainder_split`` int64 variable: how they were split, see below), so ``model.save`` /
+      ``keras.models.load_model`` restore them.
+    * The weights win over the masters: at the first ``apply`` (``iterations == 0``) every
+      master is taken from its variable again, and at every later ``apply`` the masters of
+      the variables written from outside since the previous step (``assign``,
+      ``model.set_weights``, ``model.load_weights`` of a file without this optimizer's state,
+      ``EarlyStopping(restore_best_weights=True)``; seen by torch's version counter), so the
+      next step starts from what was written. **Writes torch cannot see** (through memory
+      shared with NumPy or DLPack) **need** ``optimizer.resync_masters()``, as do writes made
+      between a load of the optimizer state and the next step: a state load marks the
+      weights loaded with it as matching the loaded masters.
+    * Loading optimizer state (``model.load_weights``, ``load_own_variables``) is checked:
+      same variable count, and at each position the same shape and dtype (a remainder never
+      lands in a float32 master, nor the reverse), and remainders split as this optimizer
+      splits them. A mismatch is a ValueError and loads nothing into the optimizer (see
+      ``load_own_variables``; Keras would warn and skip a count mismatch).
     * ``stochastic_rounding=True``: each updated 16-bit variable is stored rounded up or down
       with probability proportional to its distance (unbiased), with random bits keyed by
       (``seed``, ``iterations``, variable index, element): identical after a save/load resume.
-      ``seed`` (an int in [0, 2**64)) is part of ``get_config()``.
+      ``seed`` (an int in [0, 2**64)) is part of ``get_config()``. With remainders, the split
+      rounds the same way (keyed by ``seed`` and the variable's index), and a remainder joins
+      back into its master only with the split that made it: ``remainder_split`` records
+      (``stochastic_rounding``, ``seed``); a state split otherwise is refused on load, and so
+      is a step after either attribute changed once remainders were split.
 
     Neither combines with ``use_ema``; both need the in-place step (``stateless_apply`` is
     refused with them) and CPU variables in this version.
@@ -160,6 +189,8 @@ class SGD(keras.optimizers.SGD):
         self.stochastic_rounding = stochastic_rounding
         self.seed = seed
         self._masters: list = []
+        self._split = None  # the remainder-split record variable (only when there are remainders)
+        self._sync = _MasterSync()
         # Construction refuses what the engine would refuse, with the engine's wording.
         _core.Engine(self._engine_options(self._signature()))
         self._native = None
@@ -233,8 +264,9 @@ class SGD(keras.optimizers.SGD):
                 slots[_core.SlotKind.master] = wanted
         devices = {t.device for t in variables}
         cuda = next((d for d in devices if d.type == "cuda"), None)
+        lowp = [t for v, t in zip(built, variables) if v.dtype in _LOWP] if self.master_weights else []
         self._native = _Native(engine, signature, variables, slots, [id(v) for v in built],
-                               [v for v in built if v.constraint is not None], cuda)
+                               [v for v in built if v.constraint is not None], cuda, lowp)
         return self._native
 
     # ---- Keras API --------------------------------------------------------------------------
@@ -270,7 +302,111 @@ class SGD(keras.optimizers.SGD):
                 masters.append(self.add_variable(shape=v.shape, initializer=init, dtype=dtype,
                                                  name=f"{v.path.replace('/', '_')}_{_MASTER_NAME[self.master_weights]}"))
             self._masters = masters
+            if masters and self.master_weights == "remainder":
+                # Saved with the remainders: they join back into the master only with the
+                # rounding (and seed) that split them, and Keras restores state by position.
+                split = self._split_mode()
+                self._split = self.add_variable(shape=(2,), initializer=_constant(split), dtype="int64",
+                                                name="remainder_split")
+                self._sync.split = split
+            self._sync.versions = tuple(v.value._version for v in variables if v.dtype in _LOWP)
+            self._sync.trust = False  # the masters were just taken from the weights
         self._native = None
+
+    def _split_mode(self) -> tuple:
+        """(1, seed as int64 bits) for stochastic remainder splits, (0, 0) for splits to nearest
+        (which no seed changes)."""
+        if not self.stochastic_rounding:
+            return (0, 0)
+        return (1, self.seed - (1 << 64) if self.seed >= 1 << 63 else self.seed)
+
+    def load_own_variables(self, store: Any) -> None:
+        """Keras's loading of the optimizer state (``model.load_weights``, ``load_model``), checked.
+
+        Keras assigns optimizer variables by position ("0", "1", ...). Here every stored
+        variable must have this optimizer's shape and dtype at its position (so a remainder
+        never lands in a float32 master or the reverse), stored remainders must have been split
+        as this optimizer splits them (``stochastic_rounding``, and ``seed`` with it), and a
+        built optimizer refuses a state with another variable count (another ``momentum``,
+        ``master_weights``, accumulation, ...) where Keras would warn and skip it: ValueError,
+        nothing assigned. (Inside ``model.load_weights`` Keras reports it as its own
+        ValueError, or as a warning with ``skip_mismatch=True``; the layers' weights it loaded
+        first stay loaded, and the masters then follow them.) Kept from Keras, with its warning
+        and nothing loaded: a state without per-variable entries (a file saved before the
+        optimizer was built, or without one) and loading into an optimizer not yet built.
+        """
+        ours = list(self.variables)
+        keys = list(store.keys())
+        base = 2 if isinstance(getattr(self, "_learning_rate", None), keras.Variable) else 1
+        if len(keys) != len(ours) and (not self.built or len(keys) <= base):
+            return super().load_own_variables(store)
+        if sorted(keys) != sorted(str(i) for i in range(len(keys))):
+            raise ValueError(f"fastsgd.keras.SGD {self.name!r}: an optimizer state is keyed '0', '1', ... by "
+                             f"position (Keras's layout); got keys {sorted(keys)[:8]}. Nothing was loaded.")
+        kinds = self._variable_kinds()
+        differs = ""
+        split = None
+        for i, variable in enumerate(ours[:len(keys)]):
+            value = store[str(i)]
+            shape = tuple(getattr(value, "shape", ()))
+            dtype = keras.backend.standardize_dtype(getattr(value, "dtype", type(value)))
+            if shape != tuple(variable.shape) or dtype != variable.dtype:
+                hint = ""
+                if self.master_weights is not None or dtype == "int16":
+                    hint = ("; an int16 variable is a remainder of master_weights='remainder', a float32 one "
+                            "may be a master of master_weights='float32'")
+                differs = (f"variable {i}, {variable.path} ({kinds.get(id(variable), 'a variable')}), is "
+                           f"{variable.dtype} {tuple(variable.shape)} here but {dtype} {shape} in the store{hint}")
+                break
+            if variable is self._split:
+                split = tuple(int(x) for x in np.asarray(value).reshape(-1))
+        if differs or len(keys) != len(ours):
+            count = f"the store holds {len(keys)} variables, this optimizer {len(ours)}"
+            what = f"{count}; {differs}" if differs and len(keys) != len(ours) else (differs or count)
+            raise ValueError(
+                f"fastsgd.keras.SGD {self.name!r} cannot load this optimizer state: {what}. Create the "
+                "optimizer with the arguments it was saved with (`momentum`, `master_weights`, ...; "
+                "keras.models.load_model restores them). Nothing was loaded.")
+        if split is not None and split != self._sync.split:
+            raise ValueError(
+                f"fastsgd.keras.SGD {self.name!r} cannot load these remainders: they were split with "
+                f"{_describe_split(split)}, this optimizer splits with {_describe_split(self._sync.split)}, and a "
+                "remainder joins back into its float32 master only with the rounding that split it. Create "
+                f"the optimizer with {_describe_split(split)} (keras.models.load_model restores them). "
+                "Nothing was loaded.")
+        for i, variable in enumerate(ours):
+            variable.assign(store[str(i)])
+        # The weights loaded with this state (before or after it, in Keras's walk) match it.
+        self._sync.trust = True
+
+    def _variable_kinds(self) -> dict:
+        kinds = {id(self._iterations): "the iteration counter"}
+        if isinstance(getattr(self, "_learning_rate", None), keras.Variable):
+            kinds[id(self._learning_rate)] = "the learning rate"
+        for name, what in (("momentums", "a momentum"), ("_accumulated_gradients", "a gradient accumulator"),
+                           ("_model_variables_moving_average", "an EMA average")):
+            for v in getattr(self, name, None) or []:
+                kinds[id(v)] = what
+        for v in self._masters:
+            kinds[id(v)] = "a float32 master" if self.master_weights == "float32" else "an int16 remainder"
+        if self._split is not None:
+            kinds[id(self._split)] = "the remainder-split record"
+        return kinds
+
+    def resync_masters(self) -> None:
+        """Takes every master from its variable as it is now (widened; a zero remainder).
+
+        ``apply`` does this by itself for each variable written in place since the last step
+        (``assign``, ``set_weights``, ``load_weights``, ``EarlyStopping(restore_best_weights=True)``),
+        by torch's version counter. Call it after writing variables some other way (through
+        memory shared with NumPy or DLPack, say), or after a state load that was followed by
+        other writes before the next step. No-op without masters or before ``build()``.
+        """
+        if not self._masters:
+            return
+        self._reread_masters(range(len(self._masters)))
+        self._sync.versions = tuple(t._version for t in self._lowp_variables())
+        self._sync.trust = False
 
     def add_variable_from_reference(self, reference_variable: Any, name: Optional[str] = None,
                                     initializer: Any = "zeros") -> Any:
@@ -351,8 +487,7 @@ class SGD(keras.optimizers.SGD):
         if raw != native.raw_iterations:  # loaded, set_weights, or assigned by the user
             engine.raw_iterations = raw
             native.raw_iterations = raw
-        if raw == 0 and self._masters:
-            self._resync_masters()
+        saved = self._sync_masters(native, raw) if self._masters else None
         lr = _scalar(self._get_current_learning_rate()) if engine.update_is_due else None
         stream = None
         if native.cuda_device is not None:
@@ -360,12 +495,18 @@ class SGD(keras.optimizers.SGD):
 
             stream = torch.cuda.current_stream(native.cuda_device).cuda_stream
         try:
-            updated, _, missing = engine.step(full, None, learning_rate=lr, slots=native.slots, stream=stream)
-        except TypeError:
-            # Not torch tensors (NumPy arrays, keras.Variables, lists): convert, then retry.
-            converted = [None if g is None else keras.ops.convert_to_tensor(g) for g in full]
-            updated, _, missing = engine.step(converted, None, learning_rate=lr, slots=native.slots,
-                                              stream=stream)
+            try:
+                updated, _, missing = engine.step(full, None, learning_rate=lr, slots=native.slots, stream=stream)
+            except TypeError:
+                # Not torch tensors (NumPy arrays, keras.Variables, lists): convert, then retry.
+                converted = [None if g is None else keras.ops.convert_to_tensor(g) for g in full]
+                updated, _, missing = engine.step(converted, None, learning_rate=lr, slots=native.slots,
+                                                  stream=stream)
+        except BaseException:
+            if saved:  # a refused step leaves the masters as they were
+                for i, value in saved:
+                    self._masters[i].value.copy_(value)
+            raise
         native.raw_iterations = raw + 1
         self._iterations.value.add_(1)
         if missing:
@@ -384,16 +525,51 @@ class SGD(keras.optimizers.SGD):
                 if passed is None or id(v) in passed:
                     v.assign(v.constraint(v))
         _bump_versions(native.variables)
+        if native.lowp:
+            self._sync.versions = tuple(t._version for t in native.lowp)
+            self._sync.trust = False
+            if self._split is not None and self._sync.split != self._split_mode():  # first step, new mode
+                self._sync.split = self._split_mode()
+                self._split.assign(np.asarray(self._sync.split, np.int64))
 
-    def _resync_masters(self) -> None:
-        """Before the first update: masters are the variables as they are now (widened, or a
-        zero remainder), whatever was assigned to the variables since ``build()``."""
-        lowp = [v for v in self._trainable_variables if v.dtype in _LOWP]
-        for v, m in zip(lowp, self._masters):
+    def _sync_masters(self, native: _Native, raw: int) -> list:
+        """Before an update: re-reads the masters of the variables written from outside since
+        the masters last matched them (all of them before the first update), and returns their
+        previous values, [(master index, tensor)], for a refused step to put back. Refuses a
+        split mode changed after remainders were split with another."""
+        split = self._split_mode() if self._split is not None else None
+        if split is not None and split != self._sync.split:
+            if raw != 0:
+                raise ValueError(
+                    f"fastsgd.keras.SGD {self.name!r}: the remainders were split with "
+                    f"{_describe_split(self._sync.split)} and cannot be joined with {_describe_split(split)}; "
+                    "set `stochastic_rounding` and `seed` back (they may change before the first step only)")
+        versions = tuple(t._version for t in native.lowp)
+        if raw == 0:
+            stale = range(len(self._masters))
+        elif self._sync.trust:
+            stale = ()
+        else:
+            stale = [i for i, (now, then) in enumerate(zip(versions, self._sync.versions)) if now != then]
+        if not stale:
+            return []
+        saved = [(i, self._masters[i].value.clone()) for i in stale]
+        self._reread_masters(stale, native.lowp)
+        return saved
+
+    def _lowp_variables(self) -> list:
+        return [v.value for v in self._trainable_variables if v.dtype in _LOWP]
+
+    def _reread_masters(self, indices: Any, lowp: Optional[list] = None) -> None:
+        """Masters ``indices`` become their variables as they are now: widened, or a zero
+        remainder (which joins back into the variable exactly, with either split)."""
+        lowp = self._lowp_variables() if lowp is None else lowp
+        for i in indices:
+            master = self._masters[i].value
             if self.master_weights == "float32":
-                m.value.copy_(v.value)
+                master.copy_(lowp[i])
             else:
-                m.value.zero_()
+                master.zero_()
 
     def _refuse_stateless(self) -> None:
         if self.master_weights is not None or self.stochastic_rounding:
@@ -409,6 +585,18 @@ class SGD(keras.optimizers.SGD):
 
 
 _MASTER_NAME = {"float32": "master", "remainder": "remainder"}
+
+
+def _constant(values: tuple) -> Any:
+    def init(shape: Any, dtype: Any = None) -> Any:
+        return keras.ops.convert_to_tensor(list(values), dtype=dtype)
+    return init
+
+
+def _describe_split(split: tuple) -> str:
+    if not split[0]:
+        return "stochastic_rounding=False"
+    return f"stochastic_rounding=True, seed={split[1] % (1 << 64)}"
 
 
 def _widened(variable: Any) -> Any:
