@@ -187,7 +187,8 @@ def test_torch_resume_is_bit_identical(form):
     straight, _ = _sr_run(form, 5, 12)
     first, opt = _sr_run(form, 5, 5)
     sd = roundtrip(opt.state_dict())
-    assert sd["fastsgd"] == {"raw_iterations": 5, "skipped_steps": 0, "seed": 5}
+    assert sd["fastsgd"] == {"raw_iterations": 5, "skipped_steps": 0, "seed": 5,
+                             **({"remainder_split": "stochastic"} if form == "remainder" else {})}
     if form is not None:
         key = "master" if form == "float32" else "remainder"
         assert all(sd["state"][i][key].dtype == (torch.float32 if key == "master" else torch.uint16)
@@ -301,8 +302,10 @@ def test_torch_refusals():
 
 def test_torch_refused_steps_change_nothing():
     b = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
-    h = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    # A parameter made float16 after construction (the constructor refuses one) is refused at the step.
+    h = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
     opt = ftorch.SGD([b, h], lr=0.1, momentum=0.9, master_weights="remainder", stochastic_rounding=True)
+    h.data = h.data.half()
     b.grad = torch.ones(4, dtype=torch.bfloat16)
     h.grad = torch.ones(3, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"params\[1\] is float16"):
@@ -481,3 +484,181 @@ def test_keras_modes_off_and_refusals():
                             [torch.zeros(w.shape, dtype=torch.bfloat16) for w in model.trainable_weights],
                             [w.value.clone() for w in model.trainable_weights])
     assert int(opt.iterations.value) == 0
+
+
+# =============================================================================================
+# torch: masters in checkpoints, across modes, and written from outside
+
+def _trained_lowp(form, stochastic=False, seed=5, steps=3, lr=0.05):
+    params = [torch.nn.Parameter(seeded(shape, i, torch.bfloat16)) for i, shape in enumerate([(8, 4), (4,)])]
+    opt = ftorch.SGD(params, lr=lr, momentum=0.9, master_weights=form, stochastic_rounding=stochastic, seed=seed)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = seeded(p.shape, 10 * step + i, torch.bfloat16, 0.1)
+        opt.step()
+    return params, opt
+
+
+def _snapshot(params, opt):
+    buf = io.BytesIO()
+    torch.save(([p.detach() for p in params], opt.state_dict()), buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("key,value,exc,match", [
+    ("master", [0.0] * 32, TypeError, r"state_dict\['state'\]\[0\]\['master'\] must be a torch.Tensor, got list"),
+    ("master", torch.zeros(8, 4, dtype=torch.float64), ValueError, r"\['master'\] has dtype torch.float64"),
+    ("master", torch.zeros(8, 4, dtype=torch.int32), ValueError, r"\['master'\] has dtype torch.int32"),
+    ("master", torch.zeros(3), ValueError, r"\['master'\] has shape \(3,\)"),
+])
+def test_torch_load_checks_masters_and_changes_nothing(key, value, exc, match):
+    _, src = _trained_lowp("float32", True)
+    sd = src.state_dict()
+    sd["state"][0] = {**sd["state"][0], key: value}
+    params, opt = _trained_lowp("float32", True, seed=7, steps=2)
+    before = _snapshot(params, opt)
+    with pytest.raises(exc, match=match):
+        opt.load_state_dict(sd)
+    assert _snapshot(params, opt) == before
+
+
+def test_torch_load_checks_remainders():
+    _, src = _trained_lowp("remainder")
+    sd = src.state_dict()
+    params, opt = _trained_lowp("remainder", steps=2)
+    before = _snapshot(params, opt)
+    for value, exc, match in ((sd["state"][0]["remainder"].view(torch.int16), ValueError, "dtype torch.int16"),
+                              (sd["state"][0]["remainder"].numpy(), TypeError, "must be a torch.Tensor")):
+        bad = {**sd, "state": {**sd["state"], 0: {**sd["state"][0], "remainder": value}}}
+        with pytest.raises(exc, match=match):
+            opt.load_state_dict(bad)
+        assert _snapshot(params, opt) == before
+
+
+@pytest.mark.parametrize("key,value,exc,match", [
+    ("master", torch.zeros(8, 4, dtype=torch.int16), TypeError,
+     r"state\[params\[0\]\]\['master'\] has dtype torch.int16"),
+    ("master", torch.zeros(8, 4, dtype=torch.float64), TypeError, r"\['master'\] has dtype torch.float64"),
+    ("master", [0.0] * 32, TypeError, r"\['master'\] must be a torch.Tensor, got list"),
+    ("master", torch.zeros(8, 4, device="meta"), TypeError, r"\['master'\] is on meta"),
+    ("master", torch.zeros(32), ValueError, r"\['master'\] has shape \(32,\)"),
+    ("momentum_buffer", [0.0] * 32, TypeError, r"\['momentum_buffer'\] must be a torch.Tensor, got list"),
+])
+def test_torch_step_checks_masters_written_into_state(key, value, exc, match):
+    params, opt = _trained_lowp("float32", steps=1)
+    old = opt.state[params[0]][key]
+    opt.state[params[0]][key] = value
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(exc, match=match):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and opt.iterations == 1
+    opt.state[params[0]][key] = old
+    opt.step()
+    assert opt.iterations == 2
+
+
+def test_torch_checkpoints_across_master_forms():
+    # plain -> float32 master: the masters start from the parameters, as in a fresh optimizer:
+    # the next step is torch.optim.SGD's on float32 copies with the widened buffers.
+    plain_params, plain = _trained_lowp(None)
+    params = [torch.nn.Parameter(p.detach().clone()) for p in plain_params]
+    wide = [torch.nn.Parameter(p.detach().float()) for p in plain_params]
+    opt = ftorch.SGD(params, lr=0.05, momentum=0.9, master_weights="float32")
+    opt.load_state_dict(roundtrip(plain.state_dict()))
+    assert all(set(opt.state[p]) == {"momentum_buffer"} for p in params)
+    ref = torch.optim.SGD(wide, lr=0.05, momentum=0.9, foreach=False)
+    ref.load_state_dict(roundtrip(plain.state_dict()))
+    for w, p in zip(wide, plain_params):
+        ref.state[w]["momentum_buffer"] = plain.state[p]["momentum_buffer"].float()
+    for p, w in zip(params, wide):
+        p.grad = seeded(p.shape, 99, torch.bfloat16, 0.1)
+        w.grad = p.grad.float()
+    opt.step()
+    ref.step()
+    for p, w in zip(params, wide):
+        assert torch.equal(bits(opt.state[p]["master"]), bits(w))
+
+    # master (either form) -> no master_weights: the masters are dropped, nothing stale stays.
+    for form in ("float32", "remainder"):
+        src_params, src = _trained_lowp(form, True)
+        params = [torch.nn.Parameter(p.detach().clone()) for p in src_params]
+        opt = ftorch.SGD(params, lr=0.05, momentum=0.9)
+        opt.load_state_dict(roundtrip(src.state_dict()))
+        assert all(set(opt.state[p]) == {"momentum_buffer"} for p in params)
+        assert all(opt.state[p]["momentum_buffer"].dtype == torch.bfloat16 for p in params)
+
+    # float32 <-> remainder: refused, naming the parameter and both forms; nothing changes.
+    for theirs, ours in (("remainder", "float32"), ("float32", "remainder")):
+        _, src = _trained_lowp(theirs)
+        params, opt = _trained_lowp(ours, steps=2)
+        before = _snapshot(params, opt)
+        with pytest.raises(ValueError, match=rf"params\[0\]'s checkpoint keeps a master_weights='{theirs}' master, "
+                                             rf"this optimizer master_weights='{ours}'"):
+            opt.load_state_dict(roundtrip(src.state_dict()))
+        assert _snapshot(params, opt) == before
+
+
+@pytest.mark.parametrize("saved,resumed", [(False, True), (True, False)])
+def test_torch_remainder_split_is_recorded_and_a_mismatch_refused(saved, resumed):
+    src_params, src = _trained_lowp("remainder", saved)
+    sd = roundtrip(src.state_dict())
+    assert sd["fastsgd"]["remainder_split"] == ("stochastic" if saved else "nearest")
+    params, opt = _trained_lowp("remainder", resumed, steps=2)
+    before = _snapshot(params, opt)
+    with pytest.raises(ValueError, match=rf"'remainder_split'\] is '{sd['fastsgd']['remainder_split']}'.*"
+                                         rf"construct the optimizer with stochastic_rounding={saved}"):
+        opt.load_state_dict(sd)
+    assert _snapshot(params, opt) == before
+    # The matching setting resumes; a checkpoint without the key (older) is taken to match.
+    ok = ftorch.SGD([torch.nn.Parameter(p.detach().clone()) for p in src_params], lr=0.05, momentum=0.9,
+                    master_weights="remainder", stochastic_rounding=saved)
+    ok.load_state_dict(sd)
+    older = {**sd, "fastsgd": {k: v for k, v in sd["fastsgd"].items() if k != "remainder_split"}}
+    opt.load_state_dict(older)
+    assert opt.state_dict()["fastsgd"]["raw_iterations"] == 3
+
+
+def test_torch_float16_remainder_refused_up_front():
+    b = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    h = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"params\[1\] is float16: use master_weights='float32'"):
+        ftorch.SGD([b, h], lr=0.1, master_weights="remainder")
+    opt = ftorch.SGD([b], lr=0.1, master_weights="remainder", stochastic_rounding=True)
+    b.grad = torch.ones_like(b)
+    opt.step()
+    group = {"params": [torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16)), h], "lr": 0.5}
+    with pytest.raises(ValueError, match=r"params\[2\] is float16"):
+        opt.add_param_group(group)
+    assert group == {"params": group["params"], "lr": 0.5} and isinstance(group["params"], list)
+    assert len(opt.param_groups) == 1 and opt.iterations == 1
+    opt.step()
+    assert opt.iterations == 2 and opt.state_dict()["fastsgd"]["raw_iterations"] == 2
+
+
+@pytest.mark.parametrize("form", ["float32", "remainder"])
+def test_torch_outside_writes_need_resync_masters(form):
+    params, opt = _trained_lowp(form)
+    opt.param_groups[0]["lr"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    target = [seeded(p.shape, 50 + i, torch.bfloat16) for i, p in enumerate(params)]
+    for p, t in zip(params, target):
+        p.data.copy_(t)
+    if form == "float32":
+        opt.step()                                 # lr = 0: the masters win over the outside write
+        assert not torch.equal(bits(params[0]), bits(target[0]))
+    else:                                          # the write is joined with stale low bits
+        assert all(bool(torch.any(opt.state[p]["remainder"] != 0)) for p in params)
+    for p, t in zip(params, target):
+        p.data.copy_(t)
+    opt.resync_masters([params[0]])
+    opt.resync_masters()
+    opt.step()
+    assert all(torch.equal(bits(p), bits(t)) for p, t in zip(params, target))
+    key = "master" if form == "float32" else "remainder"
+    want = [t.float() if form == "float32" else torch.zeros_like(t, dtype=torch.uint16) for t in target]
+    assert all(torch.equal(opt.state[p][key], w) for p, w in zip(params, want))
+    with pytest.raises(ValueError, match=r"`params\[0\]` is not a parameter of this optimizer"):
+        opt.resync_masters([torch.nn.Parameter(torch.ones(1))])
+    with pytest.raises(TypeError, match="`params` must be"):
+        opt.resync_masters(3)

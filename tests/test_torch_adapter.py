@@ -697,3 +697,102 @@ def test_bare_array_call_keeps_working_in_a_loop():
             step()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+def test_add_param_group_keeps_the_step_counters():
+    # Stochastic rounding keys its random bits by the step: after add_param_group the first
+    # parameter must go on exactly as if nothing had been added.
+    def run(add):
+        a = torch.nn.Parameter(torch.linspace(-1, 1, 257).to(torch.bfloat16))
+        b = torch.nn.Parameter(torch.ones(5, dtype=torch.bfloat16))
+        opt = ftorch.SGD([a], lr=0.01, stochastic_rounding=True, seed=3)
+        for step in range(8):
+            if step == 5 and add:
+                opt.add_param_group({"params": [b]})
+                assert opt.state_dict()["fastsgd"]["raw_iterations"] == 5
+            a.grad = grads_for(step, [a])[0]
+            b.grad = torch.ones_like(b)
+            opt.step()
+        assert opt.state_dict()["fastsgd"]["raw_iterations"] == 8
+        return a.detach()
+
+    assert torch.equal(run(True).view(torch.int16), run(False).view(torch.int16))
+
+    # Gradient accumulation stays in phase: calls 1..4 of a 2-step window update twice.
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = ftorch.SGD([p], lr=0.1, gradient_accumulation_steps=2)
+    for call in range(4):
+        if call == 3:
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})
+        p.grad = torch.ones(2)
+        opt.step()
+    assert opt.iterations == 2 and torch.allclose(p.detach(), torch.full((2,), 0.8))
+
+
+@pytest.mark.parametrize("kwargs,dtype", [({}, torch.float32), ({"master_weights": "float32"}, torch.bfloat16),
+                                          ({"stochastic_rounding": True}, torch.bfloat16),
+                                          ({"gradient_accumulation_steps": 2}, torch.float32),
+                                          ({"use_ema": True}, torch.float32)])
+def test_step_without_any_gradient_does_nothing_like_torch(kwargs, dtype):
+    p = torch.nn.Parameter(torch.ones(3, dtype=dtype))
+    opt = ftorch.SGD([p], lr=0.1, momentum=0.9, **kwargs)
+    ref = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9)
+    calls = []
+    for o in (opt, ref):
+        o.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+        o.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    for first in (True, False):
+        if not first:
+            p.grad = torch.ones_like(p)
+            opt.step()
+            opt.zero_grad()
+        before = _roundtrip(opt.state_dict())
+        values = p.detach().clone()
+        calls.clear()
+        assert opt.step(lambda: 1.5) == 1.5 and ref.step(lambda: 1.5) == 1.5
+        assert calls == ["pre", "post"] * 2
+        assert torch.equal(p.detach(), values)
+        after = _roundtrip(opt.state_dict())
+        assert after.get("fastsgd") == before.get("fastsgd")
+        assert after["state"].keys() == before["state"].keys()
+        assert all(torch.equal(after["state"][i][k], v) for i in before["state"] for k, v in before["state"][i].items())
+
+
+@pytest.mark.parametrize("block,exc,match", [
+    ({"raw_iterations": "x", "skipped_steps": 0}, TypeError, r"\['raw_iterations'\] must be an int"),
+    ({"raw_iterations": True, "skipped_steps": 0}, TypeError, r"\['raw_iterations'\] must be an int"),
+    ({"raw_iterations": -5, "skipped_steps": 0}, ValueError, r"\['raw_iterations'\] must be an int in \[0, 2\*\*62\)"),
+    ({"raw_iterations": 2**64, "skipped_steps": 0}, ValueError, r"\['raw_iterations'\]"),
+    ({"raw_iterations": 2**62, "skipped_steps": 0}, ValueError, r"\['raw_iterations'\]"),
+    ({"raw_iterations": 3, "skipped_steps": -1}, ValueError, r"\['skipped_steps'\]"),
+    ({"raw_iterations": 3, "skipped_steps": 1.0}, TypeError, r"\['skipped_steps'\]"),
+    ({"seed": 3}, ValueError, r"state_dict\['fastsgd'\] has no 'raw_iterations'"),
+    ({"raw_iterations": 3}, ValueError, r"has no 'skipped_steps'"),
+    ({"raw_iterations": 3, "skipped_steps": 0, "seed": 2**64}, ValueError,
+     r"\['seed'\] must be an int in \[0, 2\*\*64\)"),
+    ({"raw_iterations": 3, "skipped_steps": 0, "seed": "1"}, TypeError, r"\['seed'\]"),
+    ({"raw_iterations": 3, "skipped_steps": 0, "remainder_split": "up"}, ValueError, r"\['remainder_split'\]"),
+    ({"raw_iterations": 3, "skipped_steps": 0, "steps": 1}, ValueError, r"unknown keys \['steps'\]"),
+    (5, TypeError, r"state_dict\['fastsgd'\] must be a dict"),
+])
+def test_load_state_dict_checks_the_counters_first(block, exc, match):
+    def trained(seed):
+        p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+        o = ftorch.SGD([p], lr=0.1, momentum=0.9, stochastic_rounding=True, seed=seed)
+        for _ in range(3 if seed == 5 else 2):
+            p.grad = torch.full_like(p, 0.1)
+            o.step()
+        return p, o
+
+    _, src = trained(5)
+    sd = {**src.state_dict(), "fastsgd": block}
+    p, opt = trained(7)
+    opt.state[p]["momentum_buffer"].fill_(42.0)
+    with pytest.raises(exc, match=match):
+        opt.load_state_dict(sd)
+    assert torch.all(opt.state[p]["momentum_buffer"] == 42.0)
+    assert opt.state_dict()["fastsgd"] == {"raw_iterations": 2, "skipped_steps": 0, "seed": 7}
+    assert opt.engine.seed == 7
+    p.grad = torch.full_like(p, 0.1)
+    opt.step()
+    assert opt.iterations == 3

@@ -26,6 +26,7 @@ torch).
 from __future__ import annotations
 
 import functools
+import numbers
 import sys
 from collections import defaultdict
 from itertools import chain, repeat
@@ -49,6 +50,8 @@ _REMAINDER_KEY = "remainder"  # uint16 low half of that float32 master (master_w
 _MASTER_FORMS = {"float32": ("master", _MASTER_KEY), "remainder": ("remainder", _REMAINDER_KEY)}
 _LOWP = (torch.float16, torch.bfloat16)
 _COUNTERS_KEY = "fastsgd"   # extra top-level state_dict entry, only when counters matter
+_COUNTER_KEYS = ("raw_iterations", "skipped_steps", "seed", "remainder_split")
+_MAX_ITERATIONS = 2**62     # the array API's bound (optimizer.py): headroom, never a wrap
 _NO_STATE: dict = {}        # stands for a parameter without state (never written)
 
 
@@ -150,6 +153,36 @@ def _float_arg(name: str, value: Any, allow_none: bool = True) -> Optional[float
             return float(value)
         raise TypeError(f"`{name}` must be a float{' or None' if allow_none else ''}, got {value!r}")
     return float(value)
+
+
+def _checked_counters(block: Any) -> dict:
+    """``state_dict["fastsgd"]`` checked whole (types, ranges, known keys) before a load writes
+    anything; returns it normalised."""
+    where = f"state_dict[{_COUNTERS_KEY!r}]"
+    if not isinstance(block, dict):
+        raise TypeError(f"{where} must be a dict from state_dict(), got {type(block).__name__}")
+    unknown = sorted(str(k) for k in block if k not in _COUNTER_KEYS)
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown} (known: {list(_COUNTER_KEYS)})")
+    out = {}
+    for key, bound, text in (("raw_iterations", _MAX_ITERATIONS, "2**62"), ("skipped_steps", _MAX_ITERATIONS, "2**62"),
+                             ("seed", 2**64, "2**64")):
+        if key not in block:
+            if key == "seed":
+                continue
+            raise ValueError(f"{where} has no {key!r} (a checkpoint's counters come as a whole)")
+        v = block[key]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{where}[{key!r}] must be an int in [0, {text}), got {v!r}")
+        if not 0 <= int(v) < bound:
+            raise ValueError(f"{where}[{key!r}] must be an int in [0, {text}), got {v!r}")
+        out[key] = int(v)
+    if "remainder_split" in block:
+        split = block["remainder_split"]
+        if not isinstance(split, str) or split not in ("nearest", "stochastic"):
+            raise ValueError(f"{where}['remainder_split'] must be 'nearest' or 'stochastic', got {split!r}")
+        out["remainder_split"] = split
+    return out
 
 
 def _set_lowp_options(options: Any, master_weights: Any, stochastic_rounding: Any, seed: Any) -> None:
@@ -262,14 +295,32 @@ class SGD(Optimizer):
             starts as the widened parameter; each step updates the master in float32 (the rule
             above, bit for bit what ``torch.optim.SGD`` does to a float32 copy) and stores
             ``p = round(master)`` in the same pass. ``"remainder"`` (bfloat16 only; a float16
-            parameter is refused at the step): ``state[p]["remainder"]``, a ``torch.uint16``
+            parameter is refused by the constructor and ``add_param_group``):
+            ``state[p]["remainder"]``, a ``torch.uint16``
             tensor holding the master's low 16 bits and starting at 0, so that ``p`` and the
             remainder together are the float32 master: ``bits(master) = (bits(p) - up) << 16 |
             remainder``, where ``up = 1`` when ``p`` was rounded up in magnitude (to nearest:
             ``remainder >= 0x8000``). Either way the other buffers (``momentum_buffer``,
             ``accumulator``) of 16-bit parameters are float32. Masters are made at a
-            parameter's first update; one written from outside afterwards is overwritten by its
-            master on the next step (delete ``state[p]["master"]`` to re-widen it).
+            parameter's first update.
+
+            **Once a master exists it is the parameter's value**: a write to the parameter from
+            outside (``p.data.copy_(...)``, ``model.load_state_dict(...)`` without the
+            optimizer's state, an EMA swap of your own) is overwritten by the next step from the
+            float32 master, or, with remainders, joined with the old remainder's low bits (up
+            to one bfloat16 ulp off the written value). After such a write call
+            ``opt.resync_masters()`` (or ``opt.resync_masters([p, ...])``), which makes the
+            masters the current parameters, or load the optimizer state saved with the model.
+
+            Checkpoints across modes (``load_state_dict``): a checkpoint without masters
+            (``torch.optim.SGD``'s, or this class's without ``master_weights``) starts the
+            masters from the parameters at their next update, as a fresh optimizer does; into an
+            optimizer without ``master_weights`` (or for a parameter that is not 16-bit) a
+            checkpoint's masters are dropped, the parameters keeping their rounded values, as
+            ``torch.optim.SGD`` would. A master of the other form (float32 <-> remainder) is
+            refused (ValueError), and so are remainders split under the other
+            ``stochastic_rounding`` setting (``state_dict()["fastsgd"]["remainder_split"]``):
+            joined under the wrong rule they would be a different master.
         stochastic_rounding: store each updated 16-bit parameter rounded up or down with
             probability proportional to its distance to either neighbour (unbiased: ``E[p] =
             the float32 result``), with random bits from a counter-based generator keyed by
@@ -419,64 +470,90 @@ class SGD(Optimizer):
     @torch._disable_dynamo
     def add_param_group(self, param_group: dict) -> None:
         """Adds a parameter group (torch's semantics); the engine is rebuilt on the next step,
-        the buffers already in ``state`` are kept."""
+        the buffers already in ``state`` and the step counters are kept. A float16 parameter
+        under ``master_weights="remainder"`` is refused (ValueError), changing nothing."""
+        before = dict(param_group) if isinstance(param_group, dict) else None
         super().add_param_group(param_group)
+        if _master_name(self._options) == "remainder":
+            offset = sum(len(g["params"]) for g in self.param_groups[:-1])
+            for j, p in enumerate(self.param_groups[-1]["params"]):
+                if p.dtype == torch.float16:
+                    self.param_groups.pop()
+                    param_group.clear()
+                    param_group.update(before)
+                    raise ValueError("`master_weights='remainder'` needs bfloat16 parameters (their float32 master "
+                                     f"is the parameter's bits plus 16 more); params[{offset + j}] is float16: use "
+                                     "master_weights='float32'")
+        # The engine is rebuilt, its counters carry over (stochastic rounding's stream and the
+        # accumulation phase depend on them).
+        self._counters = self._live_counters()
         self._plan = None
 
     def state_dict(self) -> dict:
         """torch's format: ``{"state": {i: {"momentum_buffer": tensor}}, "param_groups": [...]}``
         (plus ``"master"`` / ``"remainder"`` under ``master_weights``). With EMA, gradient
-        accumulation or stochastic rounding the engine's counters ride along under
-        ``"fastsgd"``, with the stochastic rounding ``seed``."""
+        accumulation, stochastic rounding or remainders the engine's counters ride along under
+        ``"fastsgd"``, with the stochastic rounding ``seed`` and how remainders were split
+        (``"remainder_split"``: ``"nearest"`` or ``"stochastic"``)."""
         out = super().state_dict()
         out["state"] = {k: dict(v) if type(v) is _SlotDict else v for k, v in out["state"].items()}
         o = self._options
-        if o.use_ema or self._accumulating or o.stochastic_rounding:
+        remainders = _master_name(o) == "remainder"
+        if o.use_ema or self._accumulating or o.stochastic_rounding or remainders:
             raw, skipped = self._live_counters()
             out[_COUNTERS_KEY] = {"raw_iterations": raw, "skipped_steps": skipped}
             if o.stochastic_rounding:
                 out[_COUNTERS_KEY]["seed"] = int(o.seed)
+            if remainders:
+                out[_COUNTERS_KEY]["remainder_split"] = self._remainder_split()
         return out
+
+    def _remainder_split(self) -> str:
+        return "stochastic" if self._options.stochastic_rounding else "nearest"
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads torch's format (from this class or ``torch.optim.SGD``); buffers are cast to
         each parameter's dtype and device as torch does, except the float32 masters, the
         uint16 remainders and, under ``master_weights``, the float32 buffers of 16-bit
         parameters, which keep their dtype (torch's cast would round them to the parameter's).
-        A state that does not fit is refused before anything changes."""
-        counters = state_dict.get(_COUNTERS_KEY) if isinstance(state_dict, dict) else None
-        if counters is not None:
+        Masters follow the rule in the class docstring. A state that does not fit is refused
+        (TypeError/ValueError) before anything changes."""
+        counters = None
+        if isinstance(state_dict, dict) and _COUNTERS_KEY in state_dict:
+            counters = _checked_counters(state_dict[_COUNTERS_KEY])
             state_dict = {k: v for k, v in state_dict.items() if k != _COUNTERS_KEY}
-            seed = counters.get("seed", self._options.seed)
-            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-                raise ValueError(f"state_dict['fastsgd']['seed'] must be an int in [0, 2**64), got {seed!r}")
         wide: dict = {}
         if isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict) and \
                 isinstance(state_dict.get("param_groups"), list):
-            state_dict, wide = self._split_wide_state(state_dict)
+            state_dict, wide = self._split_wide_state(state_dict, counters)
         super().load_state_dict(state_dict)
         for p, entries in wide.items():
             d = self.state[p]
             for key, t in entries.items():
                 d[key] = t
         if counters is not None:
-            self._counters = (int(counters["raw_iterations"]), int(counters["skipped_steps"]))
+            self._counters = (counters["raw_iterations"], counters["skipped_steps"])
+            seed = counters.get("seed", int(self._options.seed))
             self._options.seed = seed
             if self._plan is not None:
                 e = self._plan.engine
                 e.raw_iterations, e.skipped_steps = self._counters
                 e.seed = seed
 
-    def _split_wide_state(self, state_dict: dict) -> tuple:
+    def _split_wide_state(self, state_dict: dict, counters: Optional[dict]) -> tuple:
         """Takes the buffers torch must not cast out of ``state_dict["state"]``: returns the
         rest, and {parameter: {key: tensor on the parameter's device, in the dtype its slot
-        needs}}. Raises (changing nothing) for a master or remainder that cannot fit."""
+        needs}}. Masters follow the class docstring's rule: this optimizer's form is checked and
+        kept, the other form refused, any master dropped where this optimizer keeps none.
+        Raises (changing nothing) for a master or remainder that cannot fit."""
         saved_ids = list(chain.from_iterable(g.get("params", ()) for g in state_dict["param_groups"]))
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         if len(saved_ids) != len(params):
             return state_dict, {}  # torch's own check raises with its wording
         param_of = dict(zip(saved_ids, params))
-        widen_slots = self._options.master_weights is not None
+        index_of = {k: i for i, k in enumerate(saved_ids)}
+        form = _master_name(self._options)
+        ours = _MASTER_FORMS[form][1] if form is not None else None
         kept, wide = {}, {}
         for k, entry in state_dict["state"].items():
             p = param_of.get(k)
@@ -486,20 +563,43 @@ class SGD(Optimizer):
             low = p.dtype in _LOWP
             rest, taken = {}, {}
             for key, t in entry.items():
-                if not isinstance(t, torch.Tensor):
+                if key in (_MASTER_KEY, _REMAINDER_KEY):
+                    where = f"state_dict['state'][{k!r}][{key!r}]"
+                    dtype = torch.float32 if key == _MASTER_KEY else torch.uint16
+                    if not isinstance(t, torch.Tensor):
+                        raise TypeError(f"{where} must be a torch.Tensor, got {type(t).__name__}")
+                    if t.dtype != dtype:
+                        raise ValueError(f"{where} has dtype {t.dtype}; "
+                                         + ("masters are float32 tensors" if key == _MASTER_KEY else
+                                            "remainders are the float32 master's low 16 bits in a torch.uint16 "
+                                            "tensor"))
+                    if t.shape != p.shape:
+                        raise ValueError(f"{where} has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
+                    if ours is None or not low:
+                        continue  # no master kept here: the parameter holds the rounded value
+                    if key != ours:
+                        theirs = "float32" if key == _MASTER_KEY else "remainder"
+                        raise ValueError(
+                            f"params[{index_of[k]}]'s checkpoint keeps a master_weights={theirs!r} master, this "
+                            f"optimizer master_weights={form!r}; construct the optimizer with "
+                            f"master_weights={theirs!r} to resume it (or None to drop the masters)")
+                    if key == _REMAINDER_KEY and counters is not None and \
+                            counters.get("remainder_split", self._remainder_split()) != self._remainder_split():
+                        split = counters["remainder_split"]
+                        raise ValueError(
+                            f"state_dict['fastsgd']['remainder_split'] is {split!r}: the remainders were split "
+                            f"{'with' if split == 'stochastic' else 'without'} stochastic rounding, and joining them "
+                            "under this optimizer's rule would change the masters; construct the optimizer with "
+                            f"stochastic_rounding={split == 'stochastic'} to resume this checkpoint")
+                    taken[key] = self._fitted(t, p, dtype, key, k)
+                elif not isinstance(t, torch.Tensor):
                     rest[key] = t
-                elif key == _MASTER_KEY:
-                    taken[key] = self._fitted(t, p, torch.float32, key, k)
-                elif key == _REMAINDER_KEY:
-                    if t.dtype not in (torch.uint16, torch.int16, torch.bfloat16):
-                        raise ValueError(f"state[{k}]['remainder'] has dtype {t.dtype}; remainders are the "
-                                         "master's low 16 bits in a torch.uint16 tensor")
-                    taken[key] = self._fitted(t.view(torch.uint16), p, torch.uint16, key, k)
-                elif widen_slots and low and key in (self._momentum_key, _ACC_KEY):
+                elif form is not None and low and key in (self._momentum_key, _ACC_KEY):
                     taken[key] = self._fitted(t, p, torch.float32, key, k)
                 else:
                     rest[key] = t
-            kept[k] = rest
+            if rest or not taken:
+                kept[k] = rest
             if taken:
                 wide[p] = taken
         return {**state_dict, "state": kept}, wide
@@ -593,6 +693,11 @@ class SGD(Optimizer):
             if on:
                 slots[kind] = list(map(dict.get, plan.dicts, repeat(key)))
                 plan.aux_missing = plan.aux_missing or None in slots[kind]
+        for kind, key in ((_core.SlotKind.momentum, self._momentum_key), (_core.SlotKind.average, _EMA_KEY),
+                          (_core.SlotKind.accumulator, _ACC_KEY)):
+            for i, t in enumerate(slots.get(kind, ())):
+                if t is not None and not isinstance(t, torch.Tensor):
+                    raise TypeError(f"state[params[{i}]][{key!r}] must be a torch.Tensor, got {type(t).__name__}")
         plan.master_none = []
         form = _master_name(o)
         if form is not None:
@@ -600,11 +705,21 @@ class SGD(Optimizer):
             kind = getattr(_core.SlotKind, kind)
             masters = [d.get(key) if p.dtype in _LOWP else None for p, d in zip(plan.params, plan.dicts)]
             plan.master_none = [i for i, (p, t) in enumerate(zip(plan.params, masters)) if t is None and p.dtype in _LOWP]
-            if kind == _core.SlotKind.remainder:
-                for i, t in enumerate(masters):
-                    if t is not None and t.dtype != torch.uint16:
-                        raise TypeError(f"state[params[{i}]]['remainder'] has dtype {t.dtype}; remainders are "
-                                        "torch.uint16 tensors (the float32 master's low 16 bits)")
+            dtype = torch.float32 if key == _MASTER_KEY else torch.uint16
+            for i, (p, t) in enumerate(zip(plan.params, masters)):
+                if t is None:
+                    continue
+                where = f"state[params[{i}]][{key!r}]"
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{where} must be a torch.Tensor, got {type(t).__name__}")
+                if t.dtype != dtype:
+                    raise TypeError(f"{where} has dtype {t.dtype}; " + (
+                        "masters are float32 tensors" if key == _MASTER_KEY else
+                        "remainders are torch.uint16 tensors (the float32 master's low 16 bits)"))
+                if t.device != p.device:
+                    raise TypeError(f"{where} is on {t.device}, its parameter on {p.device}")
+                if t.shape != p.shape:
+                    raise ValueError(f"{where} has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
             slots[kind] = masters
         if plan.dtensor:
             slots = {k: [None if t is None else _local(t, plan.dt) for t in v] for k, v in slots.items()}
@@ -689,6 +804,8 @@ class SGD(Optimizer):
         if plan.state_version != self._state.version:
             self._refresh_slots(plan)
         grads = list(map(_grad_of, plan.params))
+        if grads.count(None) == len(grads):
+            return  # torch.optim.SGD's no-op: nothing updated, no counter advanced
         # GradScaler's fused protocol: grad_scale (the scale, or None once unscaled) and found_inf
         # are 0-d tensors set as instance attributes around this call.
         attrs = self.__dict__
@@ -807,8 +924,9 @@ class SGD(Optimizer):
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One optimization step: the closure (if any) under ``enable_grad``, then one native call
-        that updates every parameter with a gradient (``p.grad is None``: skipped, as torch).
-        Step pre/post hooks run as with any ``torch.optim.Optimizer``."""
+        that updates every parameter with a gradient (``p.grad is None``: skipped, as torch;
+        when no parameter has one the step does nothing and advances no counter). Step pre/post
+        hooks run as with any ``torch.optim.Optimizer``."""
         pre = self._optimizer_step_pre_hooks
         args, kwargs = (self,), ({"closure": closure} if closure is not None else {})
         if pre or _global_optimizer_pre_hooks:
@@ -866,6 +984,38 @@ class SGD(Optimizer):
                 a = self.state[p].get(_EMA_KEY)
                 if a is not None:
                     p.detach().copy_(a)
+
+    @torch.no_grad()
+    def resync_masters(self, params: Optional[Any] = None) -> None:
+        """Makes the masters of ``params`` (default: every parameter) the parameters' current
+        values, after the parameters were written from outside (``p.data.copy_(...)``, a model
+        ``load_state_dict`` without the optimizer's): float32 masters become the widened
+        parameters, remainders zero. Parameters without a master are left alone."""
+        ours = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        if params is None:
+            chosen = ours
+        else:
+            if isinstance(params, torch.Tensor):
+                params = [params]
+            try:
+                chosen = list(params)
+            except TypeError:
+                raise TypeError(f"`params` must be a parameter, an iterable of parameters or None, "
+                                f"got {type(params).__name__}") from None
+            known = set(map(id, ours))
+            for j, p in enumerate(chosen):
+                if not isinstance(p, torch.Tensor) or id(p) not in known:
+                    raise ValueError(f"`params[{j}]` is not a parameter of this optimizer")
+        for p in chosen:
+            d = self._state.get(p)
+            if d is None:
+                continue
+            m = d.get(_MASTER_KEY)
+            if isinstance(m, torch.Tensor):
+                m.copy_(p.detach())
+            r = d.get(_REMAINDER_KEY)
+            if isinstance(r, torch.Tensor):
+                r.zero_()
 
     @property
     def engine(self) -> Any:
