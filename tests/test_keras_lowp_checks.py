@@ -281,3 +281,28 @@ def test_training_alone_never_resyncs():
         warnings.simplefilter("error", UserWarning)
         fit(model, 3)
     assert calls == [[0, 1, 2, 3]]                   # the first step's, only
+
+
+@pytest.mark.parametrize("form", ["float32", "remainder"])
+def test_constraints_reach_the_master(form):
+    """A constraint writes the stored variable after the step; the elements it changed must
+    take that value as their exact value, or the master drifts on unconstrained while the
+    variable stays pinned. NonNeg, lr 1: a weight pushed below 0 and then pulled up by 0.015
+    a step must follow a float32 run's constrained weights, rounded as the form rounds (the
+    gradients are bfloat16 values, so every step is exact in float32)."""
+    v = keras.Variable(np.zeros(4, np.float32), dtype="bfloat16")
+    v.constraint = keras.constraints.NonNeg()
+    opt = fastsgd.keras.SGD(1.0, master_weights=form)
+    opt.build([v])
+    grads = [np.array([1.0, 1.0, -0.015, 0.5], np.float32)] + [np.full(4, -0.015, np.float32)] * 3
+    ref = np.zeros(4, np.float32)
+    for g in grads:
+        g16 = torch.tensor(g).to(torch.bfloat16)
+        opt.apply([g16], [v])
+        ref = np.maximum(ref - g16.float().numpy(), 0)
+        if form == "float32":   # the variable is the master rounded to nearest even
+            expect = torch.tensor(ref).to(torch.bfloat16).float().numpy()
+        else:                   # remainders round to nearest with ties away from zero
+            expect = (((ref.view(np.uint32) + np.uint32(0x8000)) >> 16) << 16).view(np.float32)
+        np.testing.assert_array_equal(v.value.detach().float().numpy(), expect)
+    assert v.value.detach().float().numpy()[0] > 0.04   # pulled back up from the constraint, not pinned at 0

@@ -137,7 +137,9 @@ class SGD(keras.optimizers.SGD):
       is a step after either attribute changed once remainders were split.
 
     Neither combines with ``use_ema``; both need the in-place step (``stateless_apply`` is
-    refused with them) and CPU variables in this version.
+    refused with them). CUDA variables run them with the CPU's bits (checked by a host
+    replay; not yet run on a GPU). A constraint's writes reach the masters: the elements it
+    changes take the constrained value as their exact value.
 
     Example:
         >>> import os; os.environ["KERAS_BACKEND"] = "torch"
@@ -487,13 +489,14 @@ class SGD(keras.optimizers.SGD):
         if raw != native.raw_iterations:  # loaded, set_weights, or assigned by the user
             engine.raw_iterations = raw
             native.raw_iterations = raw
-        saved = self._sync_masters(native, raw) if self._masters else None
         lr = _scalar(self._get_current_learning_rate()) if engine.update_is_due else None
         stream = None
         if native.cuda_device is not None:
             import torch
 
             stream = torch.cuda.current_stream(native.cuda_device).cuda_stream
+        # Last before the step, so that nothing that can still raise follows a master re-read.
+        saved = self._sync_masters(native, raw) if self._masters else None
         try:
             try:
                 updated, _, missing = engine.step(full, None, learning_rate=lr, slots=native.slots, stream=stream)
@@ -521,9 +524,14 @@ class SGD(keras.optimizers.SGD):
                               stacklevel=2)
         if native.constrained and updated:
             passed = None if variables is None else set(map(id, variables))
+            with_master = {t.data_ptr(): i for i, t in enumerate(native.lowp)} if self._masters else {}
             for v in native.constrained:
                 if passed is None or id(v) in passed:
+                    i = with_master.get(v.value.data_ptr())
+                    before = None if i is None else v.value.clone()
                     v.assign(v.constraint(v))
+                    if i is not None:
+                        self._constrain_master(i, before, native.lowp)
         _bump_versions(native.variables)
         if native.lowp:
             self._sync.versions = tuple(t._version for t in native.lowp)
@@ -570,6 +578,20 @@ class SGD(keras.optimizers.SGD):
                 master.copy_(lowp[i])
             else:
                 master.zero_()
+
+    def _constrain_master(self, i: int, before: Any, lowp: list) -> None:
+        """After a constraint wrote variable ``i``: the elements it changed take their new value
+        as their exact value (widened master, zero remainder), as a float32 run would hold the
+        constrained value; the others keep their master's extra bits."""
+        import torch
+
+        after = lowp[i]
+        changed = before.view(torch.int16) != after.view(torch.int16)  # bit by bit, NaN included
+        master = self._masters[i].value
+        if self.master_weights == "float32":
+            master[changed] = after[changed].float()
+        else:
+            master[changed] = 0
 
     def _refuse_stateless(self) -> None:
         if self.master_weights is not None or self.stochastic_rounding:

@@ -330,8 +330,9 @@ class SGD(Optimizer):
             ``state_dict()["fastsgd"]`` carries it with the step counter, and
             ``load_state_dict`` adopts both.
 
-    ``master_weights`` and ``stochastic_rounding`` cannot be combined with ``use_ema``, and
-    are CPU only in this version (CUDA parameters are refused at the first step).
+    ``master_weights`` and ``stochastic_rounding`` cannot be combined with ``use_ema``. CUDA
+    parameters run them with the CPU's bits (checked by a host replay of the CUDA blocks; not
+    yet run on a GPU).
 
     One native call per ``step()``; no per-step allocation once the buffers exist.
     """

@@ -136,14 +136,16 @@ void import_numpy(py::handle obj, bool writable, const char* what, size_t i, Imp
   out.shape = reinterpret_cast<const int64_t*>(a->dimensions);
 }
 
-// Validates a DLPack tensor and fills `out`.
-// A DLPack dtype as numpy/torch spell it (int16, uint8, ...), for refusals.
+// A DLPack dtype as numpy/torch spell it (int16, uint8, bool, ...), for refusals; codes without
+// such a name (float8 variants, ...) as "DLPack code C, B bits".
 std::string dlpack_dtype_name(const dlpack::DataType& d) {
-  static const char* const kinds[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
-  const std::string kind = d.code < 7 ? kinds[d.code] : "code " + std::to_string(d.code) + " ";
-  return kind + std::to_string(d.bits);
+  if (d.code == 6) return "bool";
+  static const char* const kinds[] = {"int", "uint", "float", "opaque", "bfloat", "complex"};
+  if (d.code < 6) return kinds[d.code] + std::to_string(d.bits);
+  return "DLPack code " + std::to_string(d.code) + ", " + std::to_string(d.bits) + " bits";
 }
 
+// Validates a DLPack tensor and fills `out`.
 void from_dltensor(const dlpack::Tensor& t, bool writable, bool read_only_flag, const char* what, size_t i,
                    Imported& out) {
   if (writable && read_only_flag)
