@@ -22,7 +22,7 @@ import numpy as np
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from . import _core
-from ._lowp import check_lowp_options
+from ._lowp import check_lowp_options, refuse_float16_remainder
 
 __all__ = ["SGD"]
 
@@ -287,9 +287,7 @@ class SGD(keras.optimizers.SGD):
         if self.master_weights == "remainder":
             for v in variables:
                 if v.dtype == "float16":
-                    raise ValueError("`master_weights='remainder'` needs bfloat16 variables (their float32 master is "
-                                     f"the variable's bits plus 16 more); {v.path} is float16: use "
-                                     "master_weights='float32'")
+                    refuse_float16_remainder(v.path)
         super().build(variables)
         if self.master_weights is not None:
             masters = []

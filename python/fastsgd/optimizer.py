@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 
 from . import _core, schedules
-from ._lowp import check_lowp_options
+from ._lowp import check_lowp_options, check_remainder_split, refuse_split_mismatch, remainder_split
 
 _SLOT_KINDS = {"momentum": _core.SlotKind.momentum, "average": _core.SlotKind.average,
                "accumulator": _core.SlotKind.accumulator, "master": _core.SlotKind.master,
@@ -62,8 +62,6 @@ def _float_arg(name: str, value: Any) -> float:
 # value keeps 2**62 steps of headroom instead of wrapping negative one step later.
 _MAX_ITERATIONS = 2**62
 _STATE_KEYS = {"iterations", "learning_rate", "slots", "shapes", "slot_dtypes", "seed", "remainder_split"}
-# How remainders were split from their masters; joining under the other rule gives a different master.
-_REMAINDER_SPLITS = ("nearest", "stochastic")
 
 
 def _is_array_like(x: Any) -> bool:
@@ -718,7 +716,7 @@ class SGD:
                         kind_dtypes.append(dtype)
                     state["slots"][kind] = arrays
                     if kind == "remainder":
-                        state["remainder_split"] = self._remainder_split()
+                        state["remainder_split"] = remainder_split(self.stochastic_rounding)
                     if kind not in _MASTER_KINDS:
                         dtypes = kind_dtypes
                 if dtypes is not None:
@@ -743,12 +741,8 @@ class SGD:
         the state is checked, copied and applied when the variables are known (by ``build`` or
         the first ``apply``, which then refuse a state that does not fit)."""
         normalized = self._check_state(state)
-        split = normalized.get("remainder_split")
-        if split is not None and split != self._remainder_split():
-            raise ValueError(f"state['remainder_split'] is {split!r}: its remainders were split "
-                             f"{'with' if split == 'stochastic' else 'without'} stochastic rounding, and joining them "
-                             f"under this optimizer's rule ({self._remainder_split()!r}) would change the masters; "
-                             f"construct the optimizer with stochastic_rounding={split == 'stochastic'}")
+        if "remainder_split" in normalized:
+            refuse_split_mismatch(normalized["remainder_split"], self.stochastic_rounding, "state['remainder_split']")
         with self._lock:
             if not self.built:
                 self._pending_state = normalized
@@ -758,9 +752,6 @@ class SGD:
                 self._lr = learning_rate
             if "seed" in normalized:
                 self.seed = normalized["seed"]
-
-    def _remainder_split(self) -> str:
-        return "stochastic" if self.stochastic_rounding else "nearest"
 
     @staticmethod
     def _check_state(state: Any) -> dict:
@@ -791,10 +782,7 @@ class SGD:
                 checked.append([int(d) for d in shape])
             out["shapes"] = checked
         if "remainder_split" in state:
-            split = state["remainder_split"]
-            if not isinstance(split, str) or split not in _REMAINDER_SPLITS:
-                raise ValueError(f"state['remainder_split'] must be 'nearest' or 'stochastic', got {split!r}")
-            out["remainder_split"] = split
+            out["remainder_split"] = check_remainder_split(state["remainder_split"], "state['remainder_split']")
         dtypes = state.get("slot_dtypes")
         if dtypes is not None:
             if not isinstance(dtypes, (list, tuple)) or not all(isinstance(d, str) for d in dtypes):

@@ -37,7 +37,8 @@ import torch
 from torch.optim.optimizer import Optimizer, _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import _core
-from ._lowp import check_lowp_options
+from ._lowp import (check_lowp_options, check_remainder_split, refuse_float16_remainder, refuse_split_mismatch,
+                    remainder_split)
 
 __all__ = ["SGD"]
 
@@ -178,10 +179,7 @@ def _checked_counters(block: Any) -> dict:
             raise ValueError(f"{where}[{key!r}] must be an int in [0, {text}), got {v!r}")
         out[key] = int(v)
     if "remainder_split" in block:
-        split = block["remainder_split"]
-        if not isinstance(split, str) or split not in ("nearest", "stochastic"):
-            raise ValueError(f"{where}['remainder_split'] must be 'nearest' or 'stochastic', got {split!r}")
-        out["remainder_split"] = split
+        out["remainder_split"] = check_remainder_split(block["remainder_split"], f"{where}['remainder_split']")
     return out
 
 
@@ -482,9 +480,7 @@ class SGD(Optimizer):
                     self.param_groups.pop()
                     param_group.clear()
                     param_group.update(before)
-                    raise ValueError("`master_weights='remainder'` needs bfloat16 parameters (their float32 master "
-                                     f"is the parameter's bits plus 16 more); params[{offset + j}] is float16: use "
-                                     "master_weights='float32'")
+                    refuse_float16_remainder(f"params[{offset + j}]")
         # The engine is rebuilt, its counters carry over (stochastic rounding's stream and the
         # accumulation phase depend on them).
         self._counters = self._live_counters()
@@ -506,11 +502,8 @@ class SGD(Optimizer):
             if o.stochastic_rounding:
                 out[_COUNTERS_KEY]["seed"] = int(o.seed)
             if remainders:
-                out[_COUNTERS_KEY]["remainder_split"] = self._remainder_split()
+                out[_COUNTERS_KEY]["remainder_split"] = remainder_split(self._options.stochastic_rounding)
         return out
-
-    def _remainder_split(self) -> str:
-        return "stochastic" if self._options.stochastic_rounding else "nearest"
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads torch's format (from this class or ``torch.optim.SGD``); buffers are cast to
@@ -584,14 +577,9 @@ class SGD(Optimizer):
                             f"params[{index_of[k]}]'s checkpoint keeps a master_weights={theirs!r} master, this "
                             f"optimizer master_weights={form!r}; construct the optimizer with "
                             f"master_weights={theirs!r} to resume it (or None to drop the masters)")
-                    if key == _REMAINDER_KEY and counters is not None and \
-                            counters.get("remainder_split", self._remainder_split()) != self._remainder_split():
-                        split = counters["remainder_split"]
-                        raise ValueError(
-                            f"state_dict['fastsgd']['remainder_split'] is {split!r}: the remainders were split "
-                            f"{'with' if split == 'stochastic' else 'without'} stochastic rounding, and joining them "
-                            "under this optimizer's rule would change the masters; construct the optimizer with "
-                            f"stochastic_rounding={split == 'stochastic'} to resume this checkpoint")
+                    if key == _REMAINDER_KEY and counters is not None and "remainder_split" in counters:
+                        refuse_split_mismatch(counters["remainder_split"], self._options.stochastic_rounding,
+                                              "state_dict['fastsgd']['remainder_split']")
                     taken[key] = self._fitted(t, p, dtype, key, k)
                 elif not isinstance(t, torch.Tensor):
                     rest[key] = t
@@ -637,9 +625,7 @@ class SGD(Optimizer):
         if _master_name(self._options) == "remainder":
             for i, p in enumerate(plan.params):
                 if p.dtype == torch.float16:
-                    raise ValueError("`master_weights='remainder'` needs bfloat16 parameters (their float32 master "
-                                     f"is the parameter's bits plus 16 more); params[{i}] is float16: use "
-                                     "master_weights='float32'")
+                    refuse_float16_remainder(f"params[{i}]")
         engine = _core.Engine(self._options)
         for i, group in enumerate(plan.groups):
             g = _engine_group(group, self._convention)
