@@ -50,9 +50,11 @@ template <class C>
 struct Coeffs {
   C lr, neg_lr, momentum, damp_take, wd, grad_scale, window, clip_mul, clip_div, clip_lo, clip_hi;
   C decay_factor, ema_keep, ema_take;
+  // The per-tensor choices as bools (the scalar test reference reads these, and the L2 branch
+  // of builds without a hardware fma) and, made from the same bools here only, as bit masks
+  // for pick: the sign bit when maximizing, else 0; all ones for L2 decay, on a torch momentum
+  // slot's first step, and on an EMA overwrite step, else 0.
   bool decay_l2, maximize, fresh_momentum, ema_overwrite;
-  // Invariant choices as bit masks (see pick): the sign bit when maximizing, else 0; all ones
-  // for L2 decay, on a torch momentum slot's first step, and on an EMA overwrite step, else 0.
   typename bits::word<C>::type sign_flip, l2_mask, fresh_mask, overwrite_mask;
 };
 
