@@ -572,28 +572,38 @@ bool lowp_stochastic(const LowpCase& c) {
   return c.mode == LowpMode::plain_sr || c.mode == LowpMode::master_sr || c.mode == LowpMode::remainder_sr;
 }
 
+// Buffer k's misalignment in bytes: `x.misalign` counts 16-bit elements' bytes; wider buffers
+// (float32 slots and masters) move by as many of their own elements, so that they stay
+// aligned to their element type, as the engine requires.
+size_t lowp_misalign(const LowpCase& c, const LowpTensor& x, int k) {
+  const size_t elements = x.misalign / 2;
+  if (k == kLw || k == kLg) return elements * size_t(dtype_size(x.var));
+  if (k == kLm || k == kLacc) return elements * size_t(dtype_size(x.slot));
+  return elements * (lowp_form(c, x.var) == detail::VarForm::master ? 4 : 2);
+}
+
 void make_lowp_world(const LowpCase& c, std::mt19937_64& rng, LowpWorld& world) {
   world.bufs.assign(c.tensors.size() * 5, Buffer{});
   for (size_t i = 0; i < c.tensors.size(); ++i) {
     const LowpTensor& x = c.tensors[i];
     const GroupSpec& g = c.groups[size_t(x.group)];
     const size_t n = size_t(x.numel);
-    world.at(i, kLw).make(n * size_t(dtype_size(x.var)), x.misalign);
+    world.at(i, kLw).make(n * size_t(dtype_size(x.var)), lowp_misalign(c, x, kLw));
     fill(world.at(i, kLw).p, x.var, x.numel, rng, c.special_rate);
-    world.at(i, kLg).make(n * size_t(dtype_size(x.var)), x.misalign);
+    world.at(i, kLg).make(n * size_t(dtype_size(x.var)), lowp_misalign(c, x, kLg));
     if (g.momentum != 0.0) {
-      world.at(i, kLm).make(n * size_t(dtype_size(x.slot)), x.misalign);
+      world.at(i, kLm).make(n * size_t(dtype_size(x.slot)), lowp_misalign(c, x, kLm));
       fill(world.at(i, kLm).p, x.slot, x.numel, rng, 0.0);
     }
     if (c.window >= 2) {
-      world.at(i, kLacc).make(n * size_t(dtype_size(x.slot)), x.misalign);
+      world.at(i, kLacc).make(n * size_t(dtype_size(x.slot)), lowp_misalign(c, x, kLacc));
       fill(world.at(i, kLacc).p, x.slot, x.numel, rng, 0.0);
     }
     const detail::VarForm form = lowp_form(c, x.var);
     if (form == detail::VarForm::master) {
       // A master near its variable, as training leaves it: the widened variable plus a little.
       Buffer& m = world.at(i, kLmaster);
-      m.make(n * 4, x.misalign);
+      m.make(n * 4, lowp_misalign(c, x, kLmaster));
       for (size_t e = 0; e < n; ++e) {
         const float v = float(as_double(world.at(i, kLw).p, x.var, int64_t(e)));
         const float nudge = std::uniform_real_distribution<float>(-1.0f, 1.0f)(rng) * 4e-3f;
@@ -602,7 +612,7 @@ void make_lowp_world(const LowpCase& c, std::mt19937_64& rng, LowpWorld& world) 
     } else if (form == detail::VarForm::remainder) {
       // Any 16 bits beside any bfloat16 variable are a valid (variable, remainder) pair.
       Buffer& m = world.at(i, kLmaster);
-      m.make(n * 2, x.misalign);
+      m.make(n * 2, lowp_misalign(c, x, kLmaster));
       for (size_t e = 0; e < n; ++e) reinterpret_cast<uint16_t*>(m.p)[e] = uint16_t(rng());
     }
   }
@@ -614,7 +624,7 @@ void copy_lowp_world(const LowpWorld& from, LowpWorld& to, const LowpCase& c) {
     for (int k = 0; k < 5; ++k) {
       const Buffer& a = from.at(i, k);
       if (!a.p) continue;
-      to.at(i, k).make(a.bytes, c.tensors[i].misalign);
+      to.at(i, k).make(a.bytes, lowp_misalign(c, c.tensors[i], k));
       std::memcpy(to.at(i, k).p, a.p, a.bytes);
     }
 }
