@@ -6,7 +6,8 @@
 //  * float -> float16 / bfloat16 against an independent nearest-even rounding (the two
 //    neighbouring representable values, compared in double) over a sweep of float patterns
 //    that covers every exponent with the bits around the rounding position;
-//  * chosen ties, overflow, subnormal and NaN cases, worked by hand.
+//  * chosen ties, overflow, subnormal and NaN cases, worked by hand;
+//  * on x86 CPUs with F16C, vcvtph2ps / vcvtps2ph against to_float / to_half bit for bit.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -14,6 +15,10 @@
 #include <limits>
 #include <random>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #include "check.h"
 #include "fastsgd/dtype.h"
@@ -53,8 +58,9 @@ void half_exhaustive() {
     const double expected = half_value(uint16_t(h));
     const bool nan = ((h >> 10) & 0x1f) == 0x1f && (h & 0x3ff);
     if (nan) {
-      // NaN: sign and payload move to the top of the float mantissa.
-      const uint32_t want = ((h & 0x8000u) << 16) | 0x7f800000u | ((h & 0x3ffu) << 13);
+      // NaN: sign and payload move to the top of the float mantissa, quiet bit set (a
+      // signalling NaN is quieted, as x86 F16C's vcvtph2ps does).
+      const uint32_t want = ((h & 0x8000u) << 16) | 0x7fc00000u | ((h & 0x3ffu) << 13);
       CHECK_MSG(to_bits(f) == want, "half 0x%04x -> float 0x%08x, expected 0x%08x", h, to_bits(f), want);
       const uint16_t back = to_half(f).bits;
       CHECK_MSG(back == (h | 0x0200u), "half NaN 0x%04x -> 0x%04x, expected 0x%04x", h, back, h | 0x200u);
@@ -127,8 +133,9 @@ uint16_t bfloat16_reference(float f) {
 void compare_half(float f) {
   const uint16_t got = to_half(f).bits, want = half_reference(f);
   if (std::isnan(f)) {
-    CHECK_MSG((got & 0x7c00u) == 0x7c00u && (got & 0x3ffu) != 0, "to_half(NaN 0x%08x) = 0x%04x",
-              to_bits(f), got);
+    const uint32_t u = to_bits(f);
+    const uint16_t nan = uint16_t(((u >> 16) & 0x8000u) | 0x7e00u | ((u >> 13) & 0x3ffu));
+    CHECK_MSG(got == nan, "to_half(NaN 0x%08x) = 0x%04x, expected 0x%04x", u, got, nan);
     return;
   }
   CHECK_MSG(got == want, "to_half(%.9g = 0x%08x) = 0x%04x, expected 0x%04x", double(f), to_bits(f),
@@ -207,8 +214,13 @@ void chosen_cases() {
   CHECK_BITS(h(std::ldexp(1.0, -14)), uint16_t(0x0400));
   CHECK_BITS(to_half(from_bits(0x7fc00000u)).bits, uint16_t(0x7e00));   // quiet NaN
   CHECK_BITS(to_half(from_bits(0xffc00000u)).bits, uint16_t(0xfe00));   // negative NaN
-  const uint16_t snan = to_half(from_bits(0x7f800001u)).bits;          // payload below bit 13
-  CHECK_MSG((snan & 0x7c00u) == 0x7c00u && (snan & 0x3ffu) != 0, "sNaN -> 0x%04x", snan);
+  // NaN narrowing keeps the sign and the payload's top 10 bits and sets the quiet bit, as
+  // F16C's vcvtps2ph does: a payload below bit 13 leaves the bare quiet NaN.
+  CHECK_BITS(to_half(from_bits(0x7f800001u)).bits, uint16_t(0x7e00));
+  CHECK_BITS(to_half(from_bits(0x7f802000u)).bits, uint16_t(0x7e01));
+  CHECK_BITS(to_half(from_bits(0xffbfe000u)).bits, uint16_t(0xffff));
+  CHECK_BITS(to_bits(to_float(half_t{0x7c01})), 0x7fc02000u);   // signalling NaN, quieted
+  CHECK_BITS(to_bits(to_float(half_t{0xfdffu})), 0xffffe000u);
 
   const double q = std::ldexp(1.0, -8);  // bfloat16: 1 + 2^-7 is the next value after 1
   CHECK_BITS(b(1.0), uint16_t(0x3f80));
@@ -244,9 +256,58 @@ void chosen_cases() {
   CHECK_BITS(load<double>(0.1f), double(0.1f));
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// The x86-64-v3/v4 walks convert float16 with F16C (vcvtph2ps / vcvtps2ph, nearest even); they
+// must give to_float / to_half's bits exactly: every half pattern, and floats around every
+// rounding position plus random ones.
+__attribute__((target("f16c,avx"))) void f16c_narrow8(const uint32_t* u) {
+  alignas(32) float in[8];
+  alignas(16) uint16_t out[8];
+  for (int j = 0; j < 8; ++j) in[j] = from_bits(u[j]);
+  _mm_store_si128(reinterpret_cast<__m128i*>(out),
+                  _mm256_cvtps_ph(_mm256_load_ps(in), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (int j = 0; j < 8; ++j)
+    CHECK_MSG(out[j] == to_half(in[j]).bits, "vcvtps2ph(0x%08x) = 0x%04x, to_half 0x%04x", u[j], out[j],
+              to_half(in[j]).bits);
+}
+
+__attribute__((target("f16c,avx"))) void f16c_agreement() {
+  if (!__builtin_cpu_supports("f16c")) {
+    std::printf("f16c agreement: skipped (no F16C)\n");
+    return;
+  }
+  const int before = check::failures();
+  for (uint32_t h = 0; h < 65536; h += 8) {
+    alignas(16) uint16_t in[8];
+    alignas(32) float out[8];
+    for (uint32_t j = 0; j < 8; ++j) in[j] = uint16_t(h + j);
+    _mm256_store_ps(out, _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(in))));
+    for (int j = 0; j < 8; ++j)
+      CHECK_MSG(to_bits(out[j]) == to_bits(to_float(half_t{in[j]})), "vcvtph2ps(0x%04x) = 0x%08x, to_float 0x%08x",
+                in[j], to_bits(out[j]), to_bits(to_float(half_t{in[j]})));
+  }
+  std::mt19937 rng(777);
+  const uint32_t low13[] = {0x0000, 0x0001, 0x0fff, 0x1000, 0x1001, 0x1fff};
+  for (uint32_t hi = 0; hi < (1u << 19); ++hi) {
+    uint32_t u[8];
+    for (int j = 0; j < 8; ++j) u[j] = (hi << 13) | (j < 6 ? low13[j] : (rng() & 0x1fffu));
+    f16c_narrow8(u);
+  }
+  for (int i = 0; i < 200000; ++i) {
+    uint32_t u[8];
+    for (auto& x : u) x = uint32_t(rng());
+    f16c_narrow8(u);
+  }
+  std::printf("f16c agreement: %s\n", check::failures() == before ? "ok" : "FAILED");
+}
+#else
+void f16c_agreement() {}
+#endif
+
 }  // namespace
 
 int main() {
+  f16c_agreement();
   half_exhaustive();
   bfloat16_exhaustive();
   chosen_cases();

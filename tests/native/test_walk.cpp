@@ -9,7 +9,8 @@
 // slots or slots of their own type) x twenty-one option sets (the Keras convention with and
 // without maximize / L2 decay, the torch convention with momentum, dampening, Nesterov, L2 or
 // decoupled decay and maximize, skip_nonfinite) x every element count 0..67 (two
-// AVX-512 vectors of float16-as-float32 lanes and a tail) x misalignments of 0, 1, 3, 7
+// AVX-512 vectors of float16-as-float32 lanes and a tail; some values float16 subnormals) and
+// a few counts across 256-element float16 tiles x misalignments of 0, 1, 3, 7
 // elements from a 64-byte boundary, four steps each (and finalize_variable_values with EMA).
 // Every user buffer (variables, gradients) has sentinel elements before and after it; the
 // engine's slot buffers (read through SGD::slot) have their padding up to the next 64 bytes
@@ -35,6 +36,11 @@ using namespace fastsgd;
 namespace {
 
 constexpr int kMaxCount = 67;
+// Longer variables, swept at fewer misalignments: the F16C levels walk float16 in tiles of 256
+// elements (cpu/walk.inc), so these cross tile boundaries with every kind of tail.
+const int kLongCounts[] = {255, 256, 257, 600};
+// The element count of the second variable of a case.
+int partner(int count) { return count <= kMaxCount ? kMaxCount - count : 5; }
 const int kMisalign[] = {0, 1, 3, 7};
 const double kRates[] = {0.1, 0.05, 0.2, 0.01};
 constexpr int kSteps = 4;
@@ -301,7 +307,7 @@ template <class W, class S>
 void run_case(const Scenario& sc, int count, int mis, std::mt19937& rng) {
   Options o = sc.options;
   o.slots_in_variable_dtype = std::is_same<W, S>::value;
-  const int counts[2] = {count, kMaxCount - count};
+  const int counts[2] = {count, partner(count)};
   const int misal[2] = {mis, (mis * 3 + 1) % 8};
   Side<W> s0{size_t(counts[0]), size_t(misal[0])};
   Side<W> s1{size_t(counts[1]), size_t(misal[1])};
@@ -313,7 +319,9 @@ void run_case(const Scenario& sc, int count, int mis, std::mt19937& rng) {
   for (int i = 0; i < 2; ++i) {
     auto& rv = r.add<W, S>(counts[i]);
     rv.decays = i == 0 || sc.second_decays;
-    for (int e = 0; e < counts[i]; ++e) rv.w[size_t(e)] = from_double<W>(uniform(rng));
+    // Every 13th value tiny: a float16 subnormal.
+    for (int e = 0; e < counts[i]; ++e)
+      rv.w[size_t(e)] = from_double<W>(uniform(rng) * (e % 13 == 7 ? 1e-5 : 1.0));
     if (counts[i]) std::memcpy(sides[size_t(i)]->w.data(), rv.w.data(), size_t(counts[i]) * sizeof(W));
     views.push_back({sides[size_t(i)]->w.data(), counts[i], ref::dtype_of<W>::value});
   }
@@ -328,7 +336,7 @@ void run_case(const Scenario& sc, int count, int mis, std::mt19937& rng) {
       auto& rv = static_cast<ref::TypedVar<W, S>&>(*r.vars[i]);
       rv.has_grad = !(i == 1 && step == sc.missing_step);
       for (size_t e = 0; e < rv.g.size(); ++e) {
-        double v = normal(rng) * (step + 1);
+        double v = normal(rng) * (step + 1) * (e % 17 == 3 ? 1e-6 : 1.0);
         if (sc.specials && (sc.specials_step < 0 || sc.specials_step == step) && e % 11 == 5) {
           const double specials[] = {INFINITY, -INFINITY, NAN, 1e5, -1e38};
           v = specials[(e / 11 + size_t(step)) % 5];
@@ -356,9 +364,12 @@ template <class W, class S>
 void sweep(const std::vector<Scenario>& list) {
   std::mt19937 rng(20240601);
   const int before = check::failures();
-  for (const Scenario& sc : list)
+  for (const Scenario& sc : list) {
     for (int count = 0; count <= kMaxCount; ++count)
       for (int mis : kMisalign) run_case<W, S>(sc, count, mis, rng);
+    for (int count : kLongCounts)
+      for (int mis : {0, 3}) run_case<W, S>(sc, count, mis, rng);
+  }
   std::printf("  W=%-8s S=%-8s %s\n", ref::type_name<W>(), ref::type_name<S>(),
               check::failures() == before ? "ok" : "FAILED");
 }
@@ -419,7 +430,7 @@ void run_lowp_case(const LowpScenario& sc, int count, int mis, std::mt19937& rng
   const Options& o = sc.options;
   const bool remainder = o.master_weights == MasterForm::remainder;
   const bool master = o.master_weights == MasterForm::float32;
-  const int counts[2] = {count, kMaxCount - count};
+  const int counts[2] = {count, partner(count)};
   Guarded<W> w0{size_t(counts[0]), size_t(mis)}, w1{size_t(counts[1]), size_t((mis * 3 + 1) % 8)};
   Guarded<W> g0{size_t(counts[0]), size_t((mis + 3) % 8)}, g1{size_t(counts[1]), size_t(mis)};
   Guarded<W>* ws[2] = {&w0, &w1};
@@ -432,7 +443,7 @@ void run_lowp_case(const LowpScenario& sc, int count, int mis, std::mt19937& rng
     w32[i].resize(size_t(counts[i]));
     g32[i].resize(size_t(counts[i]));
     for (int e = 0; e < counts[i]; ++e) {
-      ws[i]->data()[e] = from_double<W>(uniform(rng));
+      ws[i]->data()[e] = from_double<W>(uniform(rng) * (e % 13 == 7 ? 1e-5 : 1.0));
       w32[i][size_t(e)] = load<float>(ws[i]->data()[e]);
     }
     views.push_back({ws[i]->data(), counts[i], ref::dtype_of<W>::value});
@@ -450,7 +461,7 @@ void run_lowp_case(const LowpScenario& sc, int count, int mis, std::mt19937& rng
     const char* where = sc.name;
     for (int i = 0; i < 2; ++i)
       for (int e = 0; e < counts[i]; ++e) {
-        gs[i]->data()[e] = from_double<W>(normal(rng) * (step + 1));
+        gs[i]->data()[e] = from_double<W>(normal(rng) * (step + 1) * (e % 17 == 3 ? 1e-6 : 1.0));
         g32[i][size_t(e)] = load<float>(gs[i]->data()[e]);
         if (!master && !remainder) w32[i][size_t(e)] = load<float>(ws[i]->data()[e]);
       }
@@ -502,6 +513,8 @@ void sweep_lowp(const std::vector<LowpScenario>& list) {
     if (std::is_same<W, half_t>::value && sc.options.master_weights == MasterForm::remainder) continue;
     for (int count = 0; count <= kMaxCount; ++count)
       for (int mis : kMisalign) run_lowp_case<W>(sc, count, mis, rng);
+    for (int count : kLongCounts)
+      for (int mis : {0, 3}) run_lowp_case<W>(sc, count, mis, rng);
   }
   std::printf("  lowp W=%-8s %s\n", ref::type_name<W>(), check::failures() == before ? "ok" : "FAILED");
 }

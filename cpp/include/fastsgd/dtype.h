@@ -1,7 +1,7 @@
 // Element types fastsgd stores, and the exact conversions between 16-bit storage and the
 // float32 compute type. Conversions are written with integer bit operations so the CPU
 // (every ISA level) and CUDA round identically: float -> half/bfloat16 is IEEE
-// round-to-nearest-even, NaN stays NaN, overflow goes to infinity.
+// round-to-nearest-even, NaN stays NaN (quieted, payload kept), overflow goes to infinity.
 #pragma once
 
 #include <cstdint>
@@ -106,7 +106,9 @@ FASTSGD_HD float to_float(half_t v) {
   const uint32_t exp = (h >> 10) & 0x1fu;
   const uint32_t man = h & 0x3ffu;
   const uint32_t normal = ((exp + 112u) << 23) | (man << 13);  // rebias 15 -> 127
-  const uint32_t special = 0x7f800000u | (man << 13);           // infinity or NaN
+  // Infinity, or NaN with its payload kept and the quiet bit set (as F16C's vcvtph2ps does,
+  // so the CPU walks may widen with it and still match this definition bit for bit).
+  const uint32_t special = 0x7f800000u | (man << 13) | (man != 0u ? 0x00400000u : 0u);
   // Subnormal: 2^-14 * (1 + man/1024) - 2^-14 = man * 2^-24, exactly.
   const float subnormal = bits::bits_float((man << 13) | 0x38800000u) - bits::bits_float(0x38800000u);
   const float magnitude = exp == 0u ? subnormal : bits::bits_float(exp == 0x1fu ? special : normal);
