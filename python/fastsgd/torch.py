@@ -194,6 +194,22 @@ def _set_lowp_options(options: Any, master_weights: Any, stochastic_rounding: An
     options.seed = seed
 
 
+def _check_master(t: Any, p: Any, key: str, where: str, same_device: bool) -> None:
+    """A master (float32) or remainder (torch.uint16) entry for parameter ``p``: TypeError for a
+    wrong type, dtype or device, ValueError for a wrong shape, naming ``where``. Loads skip the
+    device check: they move entries to the parameter's device, as torch moves buffers."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != (torch.float32 if key == _MASTER_KEY else torch.uint16):
+        raise TypeError(f"{where} has dtype {t.dtype}; " + (
+            "masters are float32 tensors" if key == _MASTER_KEY else
+            "remainders are torch.uint16 tensors (the float32 master's low 16 bits)"))
+    if same_device and t.device != p.device:
+        raise TypeError(f"{where} is on {t.device}, its parameter on {p.device}")
+    if t.shape != p.shape:
+        raise ValueError(f"{where} has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
+
+
 def _master_name(options: Any) -> Optional[str]:
     form = options.master_weights
     return None if form is None else form.name
@@ -558,17 +574,7 @@ class SGD(Optimizer):
             rest, taken = {}, {}
             for key, t in entry.items():
                 if key in (_MASTER_KEY, _REMAINDER_KEY):
-                    where = f"state_dict['state'][{k!r}][{key!r}]"
-                    dtype = torch.float32 if key == _MASTER_KEY else torch.uint16
-                    if not isinstance(t, torch.Tensor):
-                        raise TypeError(f"{where} must be a torch.Tensor, got {type(t).__name__}")
-                    if t.dtype != dtype:
-                        raise ValueError(f"{where} has dtype {t.dtype}; "
-                                         + ("masters are float32 tensors" if key == _MASTER_KEY else
-                                            "remainders are the float32 master's low 16 bits in a torch.uint16 "
-                                            "tensor"))
-                    if t.shape != p.shape:
-                        raise ValueError(f"{where} has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
+                    _check_master(t, p, key, f"state_dict['state'][{k!r}][{key!r}]", same_device=False)
                     if ours is None or not low:
                         continue  # no master kept here: the parameter holds the rounded value
                     if key != ours:
@@ -580,7 +586,7 @@ class SGD(Optimizer):
                     if key == _REMAINDER_KEY and counters is not None and "remainder_split" in counters:
                         refuse_split_mismatch(counters["remainder_split"], self._options.stochastic_rounding,
                                               "state_dict['fastsgd']['remainder_split']")
-                    taken[key] = self._fitted(t, p, dtype, key, k)
+                    taken[key] = self._fitted(t, p, t.dtype, key, k)  # dtype checked above
                 elif not isinstance(t, torch.Tensor):
                     rest[key] = t
                 elif form is not None and low and key in (self._momentum_key, _ACC_KEY):
@@ -692,21 +698,9 @@ class SGD(Optimizer):
             kind = getattr(_core.SlotKind, kind)
             masters = [d.get(key) if p.dtype in _LOWP else None for p, d in zip(plan.params, plan.dicts)]
             plan.master_none = [i for i, (p, t) in enumerate(zip(plan.params, masters)) if t is None and p.dtype in _LOWP]
-            dtype = torch.float32 if key == _MASTER_KEY else torch.uint16
             for i, (p, t) in enumerate(zip(plan.params, masters)):
-                if t is None:
-                    continue
-                where = f"state[params[{i}]][{key!r}]"
-                if not isinstance(t, torch.Tensor):
-                    raise TypeError(f"{where} must be a torch.Tensor, got {type(t).__name__}")
-                if t.dtype != dtype:
-                    raise TypeError(f"{where} has dtype {t.dtype}; " + (
-                        "masters are float32 tensors" if key == _MASTER_KEY else
-                        "remainders are torch.uint16 tensors (the float32 master's low 16 bits)"))
-                if t.device != p.device:
-                    raise TypeError(f"{where} is on {t.device}, its parameter on {p.device}")
-                if t.shape != p.shape:
-                    raise ValueError(f"{where} has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
+                if t is not None:
+                    _check_master(t, p, key, f"state[params[{i}]][{key!r}]", same_device=True)
             slots[kind] = masters
         if plan.dtensor:
             slots = {k: [None if t is None else _local(t, plan.dt) for t in v] for k, v in slots.items()}
